@@ -1,0 +1,187 @@
+"""Image input and output for the whole project, in one place.
+
+Every image a user hands in goes through :func:`load_image`: any PIL-readable still format, EXIF
+orientation honoured, alpha composited on white, palette / grayscale / 16-bit converted to 8-bit RGB,
+resized (aspect ratio kept, centre-cropped by at most one `multiple`) so both sides are multiples of
+`multiple` and the area is close to ``resolution**2``. Every file the project writes goes through
+:func:`atomic_path`, so an interrupted run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+MIN_SIDE = 64  # smaller images carry too little for an 8× VAE and 16×16 attention maps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must be refused, not padded with grey
+
+
+class ReportedError(Exception):
+    """An error whose message is complete for a user: the CLIs print it as one line and exit non-zero."""
+
+
+class InputError(ReportedError, ValueError):
+    """A user-caused problem (path, image, prompt, value, checkpoint); the message names the bad value."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _open(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image '{path}' does not exist")
+    if path.is_dir():
+        raise InputError(f"image '{path}' is a directory, not an image file")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: truncated or corrupt data fails here, not later
+    except Image.DecompressionBombError as err:
+        raise InputError(f"image '{path}' is too large to load safely ({err})") from None
+    except UnidentifiedImageError:
+        raise InputError(f"'{path}' is not a readable image (unknown or corrupt format)") from None
+    except OSError as err:
+        raise InputError(f"image '{path}' could not be decoded: {err}") from None
+    return image
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB. 16-bit and 32-bit data are scaled by their bit depth, never clipped."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        data = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            peak = 1.0 if data.max(initial=0.0) <= 1.0 else 255.0
+        elif image.mode.startswith("I;16") or data.max(initial=0) > 255:
+            peak = 65535.0  # 16-bit samples (PNG 16-bit gray arrives as I or I;16)
+        else:
+            peak = 255.0
+        data = np.clip(np.round(data / peak * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(data, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB at its own size (no resizing); refuse bad or tiny files."""
+    image = _to_rgb8(_open(path))
+    if min(image.size) < MIN_SIDE:
+        raise InputError(
+            f"image '{path}' is {image.width}x{image.height}; both sides must be at least {MIN_SIDE} px"
+        )
+    return image
+
+
+def working_size(width: int, height: int, resolution: int | None, multiple: int = 64) -> tuple[int, int]:
+    """(W, H): multiples of `multiple`, aspect ratio of (width, height), area ≈ resolution² (or as is)."""
+    scale = 1.0 if resolution is None else resolution / math.sqrt(width * height)
+    w = max(multiple, round(width * scale / multiple) * multiple)
+    h = max(multiple, round(height * scale / multiple) * multiple)
+    return w, h
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to cover `size` (W, H) keeping the aspect ratio, then centre-crop the small excess."""
+    w, h = size
+    scale = max(w / image.width, h / image.height)
+    cover = (max(w, math.ceil(image.width * scale)), max(h, math.ceil(image.height * scale)))
+    image = image.resize(cover, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = (cover[0] - w) // 2, (cover[1] - h) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image → (1, 3, H, W) float32 in [-1, 1]."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
+    return array.permute(2, 0, 1).unsqueeze(0).float().div(127.5).sub(1.0)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) or (3, H, W) in [-1, 1] → 8-bit RGB PIL image."""
+    if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def load_image(path: str | Path, resolution: int | None = 512, multiple: int = 64) -> torch.Tensor:
+    """Load any supported image as (1, 3, H, W) float32 in [-1, 1] at the working size.
+
+    `resolution=None` keeps the image's own scale, only rounding both sides to `multiple`.
+    """
+    image = read_image(path)
+    return pil_to_tensor(fit_image(image, working_size(*image.size, resolution, multiple)))
+
+
+def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of (B, C, H, W) to `size` = (H, W)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _save_pil(image: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"output '{path}' has no image extension (use .png, .jpg or .webp)")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
+    return path
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Write (1, 3, H, W) / (3, H, W) in [-1, 1] atomically; the format follows the extension."""
+    return _save_pil(tensor_to_pil(image), path)
+
+
+def save_mask(mask: torch.Tensor, path: str | Path) -> Path:
+    """Write a (H, W) (or (1, 1, H, W)) mask in [0, 1] atomically as an 8-bit grayscale image."""
+    mask = mask.detach().float().cpu().reshape(mask.shape[-2:]).clamp(0, 1)
+    return _save_pil(Image.fromarray((mask * 255).round().to(torch.uint8).numpy(), mode="L"), path)
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """Read a mask image as (H, W) float32 in [0, 1], resized to `size` = (H, W).
+
+    Any mode is accepted; colour masks use their luminance, and masks with transparency their alpha.
+    """
+    image = _open(path)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        gray = ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+    else:
+        gray = _to_rgb8(image).convert("L")
+    mask = torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy()).float().div(255.0)
+    mask = resize_to(mask[None, None], size)[0, 0].clamp(0, 1)
+    if mask.max() <= 0:
+        raise InputError(f"mask '{path}' is empty (all black): nothing would be selected")
+    return mask
