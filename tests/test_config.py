@@ -1,0 +1,172 @@
+"""Typed key=value configuration: defaults of SPEC §7, overrides, and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s2edit.config import CONFIG_DIR, InferConfig, TrainConfig
+from spl.cli import parse_config, run_main
+from spl.io import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_YAML = CONFIG_DIR / "train.yaml"
+INFER_YAML = CONFIG_DIR / "infer.yaml"
+
+
+@pytest.mark.parametrize(("schema", "path"), [(TrainConfig, TRAIN_YAML), (InferConfig, INFER_YAML)])
+def test_yaml_defaults_equal_schema_defaults(schema: type, path: Path) -> None:
+    assert yaml.safe_load(path.read_text()) == dataclasses.asdict(schema())
+    assert parse_config(schema, [], path) == schema()
+
+
+def test_spec_section7_defaults() -> None:
+    train = parse_config(TrainConfig, [], TRAIN_YAML)
+    assert train.model == "CompVis/stable-diffusion-v1-4"
+    assert (train.finetune.lr, train.max_steps, train.semantic.weight) == (2e-6, 200, 0.1)
+    assert (train.finetune.weight_decay, train.finetune.grad_clip, train.finetune.method) == (
+        1e-2,
+        1.0,
+        "full",
+    )
+    assert (train.finetune.lora_rank, train.finetune.lora_lr) == (16, 1e-4)
+    assert (train.spatial.mask_timesteps, train.spatial.mask_threshold, train.spatial.loss_weight) == (
+        [200, 400, 600],
+        0.3,
+        0.01,
+    )
+    assert train.seed == 0
+
+    infer = parse_config(InferConfig, [], INFER_YAML)
+    assert (infer.steps, infer.guidance, infer.inversion) == (50, 7.5, "null_text")
+    assert (infer.nti.inner_steps, infer.nti.early_stop, infer.nti.early_stop_growth) == (10, 1e-5, 2e-5)
+    assert (infer.cross_replace, infer.self_replace, infer.mode) == (0.8, 0.5, "refine")
+    spl = infer.spl
+    assert (spl.structure, spl.color, spl.structure_weight, spl.color_weight) == (True, False, 1e4, 1e3)
+    assert (spl.iterations, spl.opt_schedule, spl.postprocess, spl.radius, spl.eps) == (
+        100,
+        0.8,
+        True,
+        5,
+        1e-4,
+    )
+    assert (spl.mask_threshold, spl.mask_invert, spl.area, spl.mask_radius, spl.mask_eps) == (
+        0.5,
+        False,
+        "whole",
+        1,
+        1e-2,
+    )
+    assert infer.seed == 0
+
+
+def test_overrides_are_typed_by_the_schema() -> None:
+    cfg = parse_config(
+        InferConfig,
+        [
+            "target=a photo of a [I] woman with bangs",  # brackets stay part of a string
+            "target=a [I] man",  # a repeated list key appends
+            "steps=20",
+            "guidance=5",
+            "spatial_control=false",
+            "reweight={bangs: 2}",
+            "spl.mask_words_source=[woman, hair]",
+            "nti.lr=0.02",
+            "ckpt=null",
+        ],
+        INFER_YAML,
+    )
+    assert cfg.target == ["a photo of a [I] woman with bangs", "a [I] man"]
+    assert cfg.steps == 20 and isinstance(cfg.steps, int)
+    assert cfg.guidance == 5.0 and isinstance(cfg.guidance, float)
+    assert cfg.spatial_control is False
+    assert cfg.reweight == {"bangs": 2.0}
+    assert cfg.spl.mask_words_source == ["woman", "hair"]
+    assert cfg.nti.lr == 0.02 and cfg.ckpt is None
+    assert parse_config(
+        TrainConfig, ["placeholder=[I]", "spatial.mask_timesteps=[100, 300]"]
+    ).spatial.mask_timesteps == [
+        100,
+        300,
+    ]
+
+
+def test_config_file_then_overrides(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("steps: 30\nspl:\n  iterations: 7\nreweight: {a: 0.5}\n")
+    cfg = parse_config(InferConfig, [f"config={tmp_path / 'mine.yaml'}", "steps=40"], INFER_YAML)
+    assert (cfg.steps, cfg.spl.iterations, cfg.reweight) == (40, 7, {"a": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stpes=3"], "unknown config key 'stpes'; did you mean 'steps'?"),
+        (["spl.iteratons=3"], "did you mean 'spl.iterations'?"),
+        (["lr=3"], "did you mean 'spl.lr'?"),
+        (["steps=abc"], "config key 'steps' expects int, got 'abc'"),
+        (["steps=2.5"], "config key 'steps' expects int"),
+        (["guidance=high"], "config key 'guidance' expects float"),
+        (["spl.structure=maybe"], "config key 'spl.structure' expects bool"),
+        (["mode=foo"], "config key 'mode' must be one of refine, replace; got 'foo'"),
+        (["inversion=nti"], "must be one of null_text, negative_prompt, ddim"),
+        (["reweight=3"], "config key 'reweight' expects mapping"),
+        (["steps=null"], "config key 'steps' expects int, got 'null'"),
+        (["hello"], "argument 'hello' is not of the form key=value"),
+        (["config=/nonexistent/x.yaml"], "config file '/nonexistent/x.yaml' does not exist"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line(argv: list[str], message: str) -> None:
+    with pytest.raises(InputError) as err:
+        parse_config(InferConfig, argv, INFER_YAML, prog="infer.py")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_key_in_a_config_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("spl:\n  iteratons: 3\n")
+    with pytest.raises(InputError, match=r"did you mean 'spl\.iterations'"):
+        parse_config(InferConfig, [f"config={tmp_path / 'bad.yaml'}"], INFER_YAML)
+
+
+def test_help_lists_every_key_with_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(TrainConfig, ["--help"], TRAIN_YAML, prog="train.py")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key in [
+        "model",
+        "image",
+        "prompt",
+        "finetune.lr",
+        "finetune.method",
+        "semantic.embedding",
+        "spatial.control",
+    ]:
+        assert f"  {key} " in text
+    assert "2e-06" in text and "full | lora" in text
+
+
+def test_run_main_turns_input_errors_into_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    def main(argv: list[str]) -> None:
+        parse_config(InferConfig, argv, INFER_YAML)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ["stpes=3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown config key 'stpes'; did you mean 'steps'?\n"
+
+
+@pytest.mark.parametrize("script", ["train.py", "infer.py"])
+def test_scripts_help_and_bad_key(script: str) -> None:
+    help_run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert help_run.returncode == 0, help_run.stderr
+    assert "usage:" in help_run.stdout and "  model " in help_run.stdout
+    bad = subprocess.run([sys.executable, script, "modle=tiny"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: unknown config key 'modle'; did you mean 'model'?"
