@@ -1,0 +1,435 @@
+"""Prompt-to-Prompt editing (SPEC §4): token alignment, attention injection, reweighting, LocalBlend.
+
+The batch of conditional UNet rows is [source, target_1, …, target_n]. During the first steps of the
+denoising loop each target takes the source's cross-attention maps (through a token mapping, so that
+"a cat" → "a fluffy cat" keeps the cat where it was) and its self-attention maps (which carry the
+layout). The unconditional half of a classifier-free-guidance batch is never touched.
+
+Driving it (one controller object holds every piece of cross-step state, STYLE habit 2)::
+
+    p2p = build_p2p(tokenizer, source, targets, num_steps=T, blend_words=[["cat"], ["dog"]])
+    store = AttentionStore(levels=(p2p.local_blend.level,))        # only needed for LocalBlend
+    controller = ControllerChain([spatial_control, p2p, store])    # all layers: self-attention too
+    with controlled_attention(unet, controller):
+        for i, t in enumerate(timesteps):
+            controller.step = i
+            controller.conditional_rows = slice(1 + n, 2 * (1 + n))  # batch [uncond…, cond…]
+            ... UNet on the CFG batch, guidance, scheduler step → latents (1 + n, C, h, w)
+            if p2p.local_blend is not None:
+                latents = p2p.local_blend(latents, store, step=i)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from s2edit.attention import AttentionCall, AttentionController, AttentionStore, heads_view
+from s2edit.tokenizer import token_ids, word_token_indices
+from spl.io import InputError
+
+MODES = ("refine", "replace")
+NEW_TOKEN = -1  # refine mapping: a target token without a source partner keeps its own map
+SELF_INJECTION_MIN_LEVEL = 2  # P2P injects self-attention only in layers with ≤ 32² queries at 512²
+# (64² latent): those are the layers at least 2× coarser than the latent; the 64² ones hold too much
+# texture and are left to the target.
+BLEND_POOL = 3  # LocalBlend: 3×3 max-pool of the word maps (P2P)
+
+
+# ------------------------------------------------------------------------------------ token alignment
+
+
+def global_alignment(
+    source: Sequence[int], target: Sequence[int], gap: int = 0, match: int = 1, mismatch: int = -1
+) -> list[int]:
+    """Needleman–Wunsch alignment of two id sequences; for each target position, its source position.
+
+    Returns a list as long as `target`: the aligned source index, or NEW_TOKEN (−1) where the target
+    token is an insertion. With P2P's scores (gap 0, match +1, mismatch −1) a mismatch is never worth
+    more than two gaps, so a substituted token becomes "deleted + inserted", i.e. new. Ties prefer a
+    diagonal step (match), then a new target token, then a dropped source token.
+    """
+    n, m = len(source), len(target)
+    score = [[0] * (m + 1) for _ in range(n + 1)]  # (n+1, m+1)
+    for i in range(n + 1):
+        score[i][0] = i * gap
+    for j in range(m + 1):
+        score[0][j] = j * gap
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            pair = match if source[i - 1] == target[j - 1] else mismatch
+            score[i][j] = max(score[i - 1][j - 1] + pair, score[i][j - 1] + gap, score[i - 1][j] + gap)
+
+    mapping = [NEW_TOKEN] * m
+    i, j = n, m
+    while i > 0 and j > 0:
+        pair = match if source[i - 1] == target[j - 1] else mismatch
+        if score[i][j] == score[i - 1][j - 1] + pair:
+            if source[i - 1] == target[j - 1]:
+                mapping[j - 1] = i - 1
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i][j - 1] + gap:
+            j -= 1  # target token j−1 is new
+        else:
+            i -= 1  # source token i−1 has no partner
+    return mapping
+
+
+def _padding_partner(target_position: int, source_length: int, target_length: int, context: int) -> int:
+    """Source position whose map a padding position of the target takes: padding pairs with padding in
+    order; once the source's padding runs out, the source's last position."""
+    return min(source_length + target_position - target_length, context - 1)
+
+
+def refine_mapping(
+    source_ids: Sequence[int], target_ids: Sequence[int], context: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P2P `refine` mapping from unpadded token ids (start and end tokens included).
+
+    Returns (index, alphas), both (context,): `index[t]` is the source position target position t takes
+    its cross-attention map from (−1 for a new token), `alphas[t]` is 1 where mapped, 0 for new tokens.
+    Padding positions (after the end token) map onto the source's padding.
+    """
+    aligned = global_alignment(source_ids, target_ids)
+    source_length, target_length = len(source_ids), len(target_ids)
+    tail = [_padding_partner(t, source_length, target_length, context) for t in range(target_length, context)]
+    index = torch.tensor(aligned + tail, dtype=torch.long)  # (context,)
+    return index, (index != NEW_TOKEN).float()
+
+
+def replace_mapping(
+    source_words: Sequence[Sequence[int]], target_words: Sequence[Sequence[int]], context: int
+) -> torch.Tensor:
+    """P2P `replace` mapper (context, context): `mapper[s, t]` = share of source column s given to target t.
+
+    `*_words` are the token ids of each word (between the start and end tokens), with the same number of
+    words on both sides. A word with the same number of tokens maps one to one; a replaced word with a
+    different count spreads each of its source tokens evenly over the target word's tokens. Every row
+    sums to 1 (a column-stochastic mapping keeps each target row of probabilities summing to 1).
+    """
+    if len(source_words) != len(target_words):
+        raise ValueError(f"{len(source_words)} source words but {len(target_words)} target words")
+    source_length = 2 + sum(len(word) for word in source_words)  # with start and end tokens
+    target_length = 2 + sum(len(word) for word in target_words)
+    if max(source_length, target_length) > context:
+        raise ValueError(f"prompts of {source_length} and {target_length} tokens exceed {context} tokens")
+    mapper = torch.zeros(context, context)  # (source, target)
+    mapper[0, 0] = 1.0  # start token
+    s = t = 1
+    for source_word, target_word in zip(source_words, target_words):
+        sources, targets = slice(s, s + len(source_word)), slice(t, t + len(target_word))
+        if len(source_word) == len(target_word):  # one to one (also a replaced word of equal length)
+            mapper[sources, targets] += torch.eye(len(source_word))
+        elif target_word:  # different token counts: spread evenly
+            mapper[sources, targets] = 1.0 / len(target_word)
+        s, t = sources.stop, targets.stop
+    mapper[s, t] = 1.0  # end token
+    for target_position in range(target_length, context):  # padding pairs with padding, in order
+        source_position = source_length + target_position - target_length
+        if source_position < context:
+            mapper[source_position, target_position] = 1.0
+    surplus = max(target_length - source_length, 0)
+    for source_position in range(context - surplus, context):  # left-over source padding: folded into
+        mapper[source_position, context - 1] = 1.0  # the target's last position
+    return mapper
+
+
+def prompt_words(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[list[int]]:
+    """Token ids of each whitespace-separated word of `prompt` (start/end tokens excluded)."""
+    encoding = tokenizer(prompt, return_offsets_mapping=True, truncation=False)
+    spans = [m.span() for m in re.finditer(r"\S+", prompt)]
+    tokens = [(i, a, b) for i, (a, b) in zip(encoding.input_ids, encoding.offset_mapping) if b > a]
+    return [[i for i, a, b in tokens if a < end and b > start] for start, end in spans]
+
+
+# ------------------------------------------------------------------------------- per-word schedules
+
+
+def steps_before(fraction: float, num_steps: int) -> int:
+    """Number of leading steps i with i < fraction·T (a tiny tolerance absorbs 0.7·10 = 7.000…1)."""
+    return min(num_steps, math.floor(fraction * num_steps + 1e-9))
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise InputError(f"{name}={value!r} must be a fraction of the denoising steps in [0, 1]")
+
+
+def _word_positions(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], word: str, option: str
+) -> list[list[int]]:
+    """Token positions of `word` in each prompt ([] where absent); refused when it is in none of them."""
+    positions = []
+    for prompt in prompts:
+        try:
+            positions.append(word_token_indices(tokenizer, prompt, word))
+        except InputError:
+            positions.append([])
+    if not any(positions):
+        shown = " | ".join(f"'{p}'" for p in prompts)
+        raise InputError(f"{option} word '{word}' is in no target prompt ({shown}): use a word of one")
+    return positions
+
+
+def cross_replace_schedule(
+    tokenizer: PreTrainedTokenizerBase,
+    targets: Sequence[str],
+    num_steps: int,
+    cross_replace: float = 0.8,
+    words: Mapping[str, float] | None = None,
+) -> torch.Tensor:
+    """(steps, targets, context) table: 1 where target token k takes the source's map at step i.
+
+    Every token is injected for i < cross_replace·T; a word in `words` gets its own fraction instead (in
+    each target prompt that contains it; a word in no target prompt is refused).
+    """
+    _check_fraction("cross_replace", cross_replace)
+    context = tokenizer.model_max_length
+    schedule = torch.zeros(num_steps, len(targets), context)
+    schedule[: steps_before(cross_replace, num_steps)] = 1.0
+    for word, fraction in (words or {}).items():
+        _check_fraction(f"cross_replace['{word}']", fraction)
+        for k, positions in enumerate(_word_positions(tokenizer, targets, word, "cross_replace")):
+            schedule[:, k, positions] = 0.0
+            schedule[: steps_before(fraction, num_steps), k, positions] = 1.0
+    return schedule
+
+
+def reweight_table(
+    tokenizer: PreTrainedTokenizerBase, targets: Sequence[str], reweight: Mapping[str, float] | None
+) -> torch.Tensor | None:
+    """(targets, context) factors for the target rows' cross-attention columns (1 = unchanged)."""
+    if not reweight:
+        return None
+    table = torch.ones(len(targets), tokenizer.model_max_length)
+    for word, value in reweight.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise InputError(f"reweight['{word}']={value!r} must be a finite number")
+        for k, positions in enumerate(_word_positions(tokenizer, targets, word, "reweight")):
+            table[k, positions] = float(value)
+    return table
+
+
+# ------------------------------------------------------------------------------------ the controller
+
+
+class PromptToPrompt(AttentionController):
+    """Edits the target rows' attention from the source row's (conditional rows only).
+
+    Args:
+        num_steps: T, the number of denoising steps; `step` must stay in 0…T−1.
+        alphas: (targets, K) 1 where a target token has a source partner, 0 for new tokens.
+        cross_schedule: (T, targets, K) per-step, per-token injection switch (cross_replace_schedule).
+        self_replace: fraction of the steps with self-attention injection.
+        index: (targets, K) refine mapping (source position per target position, −1 new), or
+        mapper: (targets, K, K) replace mapping (`mapper[s, t]`); exactly one of the two.
+        reweight: (targets, K) factors applied to the target rows' cross-attention at every step.
+        local_blend: kept here for the denoising loop (`p2p.local_blend(latents, store, step)`).
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        alphas: torch.Tensor,
+        cross_schedule: torch.Tensor,
+        self_replace: float = 0.5,
+        index: torch.Tensor | None = None,
+        mapper: torch.Tensor | None = None,
+        reweight: torch.Tensor | None = None,
+        local_blend: LocalBlend | None = None,
+    ) -> None:
+        super().__init__()
+        if (index is None) == (mapper is None):
+            raise ValueError("give exactly one of a refine index and a replace mapper")
+        self.num_steps = num_steps
+        self.alphas = alphas
+        self.cross_schedule = cross_schedule
+        self.self_steps = steps_before(self_replace, num_steps)
+        self.index = index.clamp_min(0) if index is not None else None  # new tokens: α = 0 anyway
+        self.mapper = mapper
+        self.reweight = reweight
+        self.local_blend = local_blend
+
+    @property
+    def num_targets(self) -> int:
+        return self.alphas.shape[0]
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        if not 0 <= self.step < self.num_steps:
+            raise ValueError(f"step {self.step} is outside the {self.num_steps} denoising steps of this edit")
+        rows = list(self.rows(probs.shape[0] // call.heads))
+        if len(rows) != 1 + self.num_targets:
+            raise ValueError(f"{len(rows)} conditional rows for 1 source + {self.num_targets} target prompts")
+        if call.is_cross:
+            return self._edit_cross(probs, call, rows)
+        if call.level >= SELF_INJECTION_MIN_LEVEL and self.step < self.self_steps:
+            return self._inject_self(probs, call, rows)
+        return probs
+
+    def _mapped(self, source: torch.Tensor, k: int) -> torch.Tensor:
+        """Source maps (heads, Q, K) rearranged into target k's token order."""
+        if self.index is not None:
+            return source[..., self.index[k].to(source.device)]
+        return source @ self.mapper[k].to(source)  # Σ_s source[..., s]·mapper[s, t]
+
+    def _edit_cross(self, probs: torch.Tensor, call: AttentionCall, rows: list[int]) -> torch.Tensor:
+        maps = heads_view(probs, call.heads)  # (B, heads, Q, K)
+        context = self.alphas.shape[-1]
+        if maps.shape[-1] != context:
+            raise ValueError(f"cross-attention over {maps.shape[-1]} tokens, but a mapping for {context}")
+        source, edited = maps[rows[0]], maps.clone()
+        for k, row in enumerate(rows[1:]):
+            target = maps[row]
+            alpha = (self.alphas[k] * self.cross_schedule[self.step, k]).to(target)  # (K,)
+            if bool(alpha.any()):  # P2P: target ← α·mapped source + (1−α)·own
+                target = alpha * self._mapped(source, k) + (1 - alpha) * target
+            if self.reweight is not None:
+                target = target * self.reweight[k].to(target)  # no renormalisation (SPEC §4)
+            edited[row] = target
+        return edited.reshape(probs.shape)
+
+    def _inject_self(self, probs: torch.Tensor, call: AttentionCall, rows: list[int]) -> torch.Tensor:
+        maps = heads_view(probs, call.heads)  # (B, heads, Q, Q)
+        edited = maps.clone()
+        edited[rows[1:]] = maps[rows[0]]
+        return edited.reshape(probs.shape)
+
+
+# -------------------------------------------------------------------------------------- local blend
+
+
+class LocalBlend:
+    """Keep the source latent outside the edited words' region (P2P LocalBlend, SPEC §4).
+
+    `word_alphas` (prompts, K) marks the blend words' tokens in each prompt [source, targets…]. Called
+    by the denoising loop after each step with the conditional latents (1 + n, C, h, w) and an
+    AttentionStore that recorded this step's cross-attention at `level` (the "16×16" layers of SD).
+    """
+
+    def __init__(
+        self,
+        word_alphas: torch.Tensor,
+        num_steps: int,
+        threshold: float = 0.3,
+        start: float = 0.2,
+        level: int = 4,
+    ) -> None:
+        self.word_alphas = word_alphas
+        self.threshold = threshold
+        self.start_step = steps_before(start, num_steps)
+        self.level = level
+
+    def masks(self, maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """(prompts, h, w, K) head- and layer-averaged maps → (prompts, 1, H, W) binary word masks."""
+        words = (maps * self.word_alphas.to(maps)[:, None, None, :]).sum(dim=-1)[:, None]  # (P, 1, h, w)
+        words = F.max_pool2d(words, BLEND_POOL, stride=1, padding=BLEND_POOL // 2)
+        words = F.interpolate(words, size=latent_size, mode="nearest")  # P2P's resize
+        peak = words.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(words.dtype).tiny)
+        return words / peak > self.threshold
+
+    def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:
+        """z[target] = z[source] + mask·(z[target] − z[source]), mask = target words ∪ source words."""
+        if step < self.start_step:
+            return latents
+        maps = store.average(self.level, steps=[step])  # (prompts, h, w, K)
+        if maps.shape[0] != latents.shape[0]:
+            raise ValueError(f"{maps.shape[0]} stored attention rows for {latents.shape[0]} latents")
+        masks = self.masks(maps, tuple(latents.shape[-2:]))
+        mask = (masks[1:] | masks[:1]).to(latents.dtype)  # (n, 1, H, W)
+        source = latents[:1]
+        return torch.cat([source, source + mask * (latents[1:] - source)])
+
+
+# ------------------------------------------------------------------------------------------ factory
+
+
+def _blend_alphas(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], blend_words: Sequence[Sequence[str]]
+) -> torch.Tensor:
+    if len(blend_words) != len(prompts) or any(isinstance(w, str) for w in blend_words):
+        raise InputError(
+            f"blend_words={list(blend_words)!r} must hold one list of words per prompt "
+            f"(source first, then each of the {len(prompts) - 1} targets), e.g. [['cat'], ['dog']]"
+        )
+    alphas = torch.zeros(len(prompts), tokenizer.model_max_length)
+    for row, (prompt, words) in enumerate(zip(prompts, blend_words)):
+        for word in words:
+            alphas[row, word_token_indices(tokenizer, prompt, word)] = 1.0  # InputError if absent
+    if not bool(alphas.any()):
+        raise InputError("blend_words names no word at all: give at least one, or leave LocalBlend off")
+    return alphas
+
+
+def build_p2p(
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    targets: Sequence[str],
+    num_steps: int,
+    mode: str = "refine",
+    cross_replace: float = 0.8,
+    cross_replace_words: Mapping[str, float] | None = None,
+    self_replace: float = 0.5,
+    reweight: Mapping[str, float] | None = None,
+    blend_words: Sequence[Sequence[str]] | None = None,
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
+) -> PromptToPrompt:
+    """A Prompt-to-Prompt controller (with `.local_blend`, or None) for [source, *targets].
+
+    Everything a user can get wrong (prompt length, mode, fractions, words) is refused here, before any
+    UNet call, with an InputError naming the bad value.
+    """
+    # 1. Check inputs
+    if isinstance(targets, str) or not targets:
+        raise InputError(f"targets={targets!r} must be a non-empty list of target prompts")
+    if mode not in MODES:
+        raise InputError(f"mode='{mode}' is not one of {', '.join(MODES)}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise InputError(f"num_steps={num_steps!r} must be a positive number of denoising steps")
+    for name, value in (("self_replace", self_replace), ("blend_threshold", blend_threshold),
+                        ("blend_start", blend_start)):
+        _check_fraction(name, value)
+    context = tokenizer.model_max_length
+    source_ids = token_ids(tokenizer, source)  # InputError when too long
+    target_ids = [token_ids(tokenizer, target) for target in targets]
+
+    # 2. Token mapping of each target onto the source
+    if mode == "refine":
+        pairs = [refine_mapping(source_ids, ids, context) for ids in target_ids]
+        index, alphas = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        mapper = None
+    else:
+        source_words = prompt_words(tokenizer, source)
+        mappers = []
+        for target in targets:
+            words = prompt_words(tokenizer, target)
+            if len(words) != len(source_words):
+                raise InputError(
+                    f"mode=replace needs prompts with the same number of words, but '{source}' has "
+                    f"{len(source_words)} and '{target}' has {len(words)}: use mode=refine"
+                )
+            mappers.append(replace_mapping(source_words, words, context))
+        mapper, index = torch.stack(mappers), None
+        alphas = (mapper.sum(dim=1) > 0).float()  # target columns that receive a source map
+
+    # 3. Schedules, reweighting, LocalBlend
+    schedule = cross_replace_schedule(tokenizer, targets, num_steps, cross_replace, cross_replace_words)
+    local_blend = None
+    if blend_words is not None:
+        word_alphas = _blend_alphas(tokenizer, [source, *targets], blend_words)
+        local_blend = LocalBlend(word_alphas, num_steps, blend_threshold, blend_start)
+    return PromptToPrompt(
+        num_steps,
+        alphas,
+        schedule,
+        self_replace,
+        index=index,
+        mapper=mapper,
+        reweight=reweight_table(tokenizer, targets, reweight),
+        local_blend=local_blend,
+    )
