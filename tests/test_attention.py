@@ -102,7 +102,7 @@ def test_spatial_control_masks_exactly_one_column(sd: StableDiffusion) -> None:
         others = [k for k in range(probs.shape[-1]) if k != token]
         assert torch.equal(edited[1, :, :, others], original[1, :, :, others])  # other columns untouched
         assert torch.equal(edited[0], original[0])  # other rows untouched
-    assert levels == {1, 2, 4}  # SD architecture: cross-attention at latent/1, /2 and /4
+    assert levels == {1, 2, 4, 8}  # SD architecture: cross-attention at latent/1, /2, /4 and the mid block
 
 
 @torch.no_grad()
