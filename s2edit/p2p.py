@@ -155,9 +155,9 @@ def steps_before(fraction: float, num_steps: int) -> int:
     return min(num_steps, math.floor(fraction * num_steps + 1e-9))
 
 
-def _check_fraction(name: str, value: float) -> None:
+def _check_fraction(name: str, value: float, meaning: str = "a fraction of the denoising steps") -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise InputError(f"{name}={value!r} must be a fraction of the denoising steps in [0, 1]")
+        raise InputError(f"{name}={value!r} must be {meaning} in [0, 1]")
 
 
 def _word_positions(
@@ -285,8 +285,9 @@ class PromptToPrompt(AttentionController):
         source, edited = maps[rows[0]], maps.clone()
         for k, row in enumerate(rows[1:]):
             target = maps[row]
-            alpha = (self.alphas[k] * self.cross_schedule[self.step, k]).to(target)  # (K,)
+            alpha = self.alphas[k] * self.cross_schedule[self.step, k]  # (K,), on the CPU: no device sync
             if bool(alpha.any()):  # P2P: target ← α·mapped source + (1−α)·own
+                alpha = alpha.to(target)
                 target = alpha * self._mapped(source, k) + (1 - alpha) * target
             if self.reweight is not None:
                 target = target * self.reweight[k].to(target)  # no renormalisation (SPEC §4)
@@ -391,9 +392,9 @@ def build_p2p(
         raise InputError(f"mode='{mode}' is not one of {', '.join(MODES)}")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise InputError(f"num_steps={num_steps!r} must be a positive number of denoising steps")
-    for name, value in (("self_replace", self_replace), ("blend_threshold", blend_threshold),
-                        ("blend_start", blend_start)):
-        _check_fraction(name, value)
+    _check_fraction("self_replace", self_replace)
+    _check_fraction("blend_start", blend_start)
+    _check_fraction("blend_threshold", blend_threshold, "a threshold on the max-normalised word map")
     context = tokenizer.model_max_length
     source_ids = token_ids(tokenizer, source)  # InputError when too long
     target_ids = [token_ids(tokenizer, target) for target in targets]
