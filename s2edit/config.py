@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = _opt("auto", "Lightning precision: auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed")
     accelerator: str = _opt("auto", "Lightning accelerator: auto, cpu, gpu")
     image_log_every: int = _opt(50, "log input, reconstruction, masks and attention maps every N steps")
+    checkpoint_every: int = _opt(100, "also save <out>/checkpoints/last.ckpt every N steps (0: at end/error)")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     spatial: SpatialConfig = field(default_factory=SpatialConfig)

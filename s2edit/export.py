@@ -1,0 +1,336 @@
+"""The fine-tuned model as the editing stage reads it: `<out>/export/` (SPEC §1–2).
+
+Layout (every weight file is safetensors; nothing is ever unpickled):
+
+    manifest.json               format, version, base model, method, tokens, resolved config, file hashes
+    unet.safetensors            full: complete state dict of the fine-tuned UNet
+    text_encoder.safetensors    full: complete state dict of the fine-tuned text encoder (new rows included)
+    unet_lora.safetensors       lora: the LoRA adapter weights of the UNet
+    text_encoder_lora.safetensors  lora: those of the text encoder
+    embeddings.safetensors      both: the learned embedding row of each placeholder, keyed by placeholder
+    mask_<n>_<slug>.png         the object mask of each token, at the working image size
+    tokenizer/                  the tokenizer with the added tokens (for other tools; the loader re-adds)
+
+The folder is written to `<out>/.export.tmp-XXXX` and renamed into place, so a crash never leaves a
+half-written export. :func:`load_export` validates everything and reports problems as one-line InputErrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from s2edit.models import StableDiffusion, load_stable_diffusion
+from s2edit.tokenizer import add_placeholder_token
+from spl.io import InputError, save_mask
+
+EXPORT_FORMAT = "s2edit-export"
+EXPORT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.safetensors"
+WEIGHT_FILES = {
+    "full": {"unet": "unet.safetensors", "text_encoder": "text_encoder.safetensors"},
+    "lora": {"unet": "unet_lora.safetensors", "text_encoder": "text_encoder_lora.safetensors"},
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (SPEC §2)
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_MARKER = "lora_"
+PROBE_VALUES = 16  # first values of a few base tensors, to detect a different base model
+PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-3  # loose enough for a base loaded in bf16 / fp16
+
+
+@dataclass
+class ExportToken:
+    """One learned token and the pair it was learned from."""
+
+    placeholder: str
+    token_id: int
+    prompt: str  # P̃
+    source_prompt: str  # P
+    object: str
+    image: str  # path as given to train.py
+    image_sha256: str
+    mask: str  # file name of the object mask inside the export folder
+
+
+@dataclass
+class ExportManifest:
+    base_model: str
+    method: str  # "full" | "lora"
+    resolution: int
+    tokens: list[ExportToken]
+    config: dict[str, Any]
+    lora_rank: int | None = None
+    base_probe: dict[str, list[float]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # weight file → sha256
+    weights_sha256: str = ""  # one fingerprint over every weight file (the inversion cache keys on it)
+    format: str = EXPORT_FORMAT
+    version: int = EXPORT_VERSION
+
+    def token(self, placeholder: str) -> ExportToken:
+        for token in self.tokens:
+            if token.placeholder == placeholder:
+                return token
+        known = [t.placeholder for t in self.tokens]
+        raise InputError(f"the export has no token '{placeholder}' (it has {known})")
+
+
+# ----------------------------------------------------------------------------------------- shared helpers
+
+
+def add_lora_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module, rank: int) -> None:
+    """peft LoRA (alpha = rank) on the UNet attention projections and the text encoder's attention."""
+    for model, targets in ((unet, UNET_LORA_TARGETS), (text_encoder, TEXT_LORA_TARGETS)):
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+        inject_adapter_in_model(config, model)
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if LORA_MARKER in name}
+
+
+def base_model_probe(sd: StableDiffusion) -> dict[str, list[float]]:
+    """A few values of base tensors that identify the base model (cheap; robust to half-precision loads)."""
+    tensors = {
+        "vae.encoder.conv_in.weight": sd.vae.encoder.conv_in.weight,
+        "unet.conv_in.weight": sd.unet.conv_in.weight,
+        "text_encoder.token_embedding": sd.text_encoder.get_input_embeddings().weight[0],
+    }
+    return {name: t.detach().flatten()[:PROBE_VALUES].float().cpu().tolist() for name, t in tensors.items()}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def mask_file_name(index: int, placeholder: str) -> str:
+    """"mask_0_I.png" for "[I]": letters and digits only, the index keeps names unique."""
+    slug = "".join(c for c in placeholder if c.isalnum()) or "token"
+    return f"mask_{index}_{slug}.png"
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def _apply_umask(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_export(
+    out: str | Path,
+    sd: StableDiffusion,
+    manifest: ExportManifest,
+    masks: Sequence[torch.Tensor],
+) -> Path:
+    """Write `<out>/export/` atomically and return its path.
+
+    `manifest.tokens[i].mask` is set here; `masks[i]` is token i's (H, W) mask at the working image size.
+    `manifest.files` and `manifest.weights_sha256` are filled in from the written files.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "export"
+    tmp = Path(tempfile.mkdtemp(prefix=".export.tmp-", dir=out))
+    try:
+        # 1. Weights
+        names = WEIGHT_FILES[manifest.method]
+        if manifest.method == "full":
+            _save_tensors(sd.unet.state_dict(), tmp / names["unet"])
+            _save_tensors(sd.text_encoder.state_dict(), tmp / names["text_encoder"])
+        else:
+            _save_tensors(lora_state_dict(sd.unet), tmp / names["unet"])
+            _save_tensors(lora_state_dict(sd.text_encoder), tmp / names["text_encoder"])
+        rows = sd.text_encoder.get_input_embeddings().weight
+        _save_tensors({t.placeholder: rows[t.token_id] for t in manifest.tokens}, tmp / EMBEDDINGS)
+
+        # 2. Masks, tokenizer
+        for index, (token, mask) in enumerate(zip(manifest.tokens, masks, strict=True)):
+            token.mask = mask_file_name(index, token.placeholder)
+            save_mask(mask, tmp / token.mask)
+        sd.tokenizer.save_pretrained(tmp / "tokenizer")
+
+        # 3. Manifest with file hashes, then the rename into place
+        manifest.files = {name: file_sha256(tmp / name) for name in [*names.values(), EMBEDDINGS]}
+        manifest.weights_sha256 = _fingerprint(manifest.files)
+        (tmp / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+        _apply_umask(tmp)  # temporary files and folders are private (0600 / 0700); the export is not
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=".export.old-", dir=out))
+            os.replace(final, old / "export")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path) -> ExportManifest:
+    """Parse and check `<path>/manifest.json` (InputError for every problem a user can cause)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"checkpoint folder '{path}' does not exist (train.py writes <out>/export)")
+    if not path.is_dir():
+        raise InputError(f"checkpoint '{path}' is not a folder: pass the export folder written by train.py")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"'{path}' has no {MANIFEST}: it is not an S2Edit export folder")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"'{manifest_path}' is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise InputError(f"'{manifest_path}' is not an {EXPORT_FORMAT} manifest")
+    if data.get("version") != EXPORT_VERSION:
+        version = data.get("version")
+        raise InputError(f"'{manifest_path}' has version {version}; this code reads version {EXPORT_VERSION}")
+    try:
+        tokens = [ExportToken(**t) for t in data.pop("tokens")]
+        manifest = ExportManifest(tokens=tokens, **data)
+    except (KeyError, TypeError) as err:
+        raise InputError(f"'{manifest_path}' is incomplete or has unknown fields ({err})") from None
+    if manifest.method not in WEIGHT_FILES:
+        raise InputError(f"'{manifest_path}' has unknown method '{manifest.method}' (full or lora)")
+    return manifest
+
+
+def _check_files(path: Path, manifest: ExportManifest, verify: bool) -> None:
+    expected = [*WEIGHT_FILES[manifest.method].values(), EMBEDDINGS]
+    if set(manifest.files) != set(expected):
+        listed = sorted(manifest.files)
+        raise InputError(f"manifest of '{path}' lists weight files {listed}, expected {expected}")
+    for name in expected:
+        file = path / name
+        if not file.is_file():
+            pickles = [p.name for p in path.glob(f"{Path(name).stem}.*") if p.suffix in PICKLE_SUFFIXES]
+            found = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
+            raise InputError(f"export '{path}' is missing {name}{found}")
+        if verify and file_sha256(file) != manifest.files[name]:
+            raise InputError(f"'{file}' does not match its sha256 in the manifest: corrupt or replaced")
+    if _fingerprint(manifest.files) != manifest.weights_sha256:
+        raise InputError(f"manifest of '{path}' has an inconsistent weights_sha256: it was edited by hand")
+    for token in manifest.tokens:
+        if Path(token.mask).name != token.mask or not (path / token.mask).is_file():
+            raise InputError(f"export '{path}' is missing the mask file '{token.mask}' ({token.placeholder})")
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f"'{file}' is not a readable safetensors file ({err})") from None
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path, base: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"'{file}' does not fit the base model '{base}': {detail}") from None
+
+
+def _check_probe(sd: StableDiffusion, manifest: ExportManifest, base: str) -> None:
+    probe = base_model_probe(sd)
+    for name, values in manifest.base_probe.items():
+        have = torch.tensor(probe.get(name, []))
+        want = torch.tensor(values)
+        if have.shape != want.shape or not torch.allclose(have, want, rtol=PROBE_RTOL, atol=PROBE_ATOL):
+            raise InputError(
+                f"base model '{base}' differs from the one the export was trained on "
+                f"('{manifest.base_model}', {name} mismatch): pass the matching base_model"
+            )
+
+
+def load_export(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    base_model: str | None = None,
+    verify: bool = True,
+) -> tuple[StableDiffusion, ExportManifest]:
+    """Load an export folder: the base model, the placeholder tokens (same ids), the fine-tuned weights.
+
+    `base_model` overrides the manifest's base (e.g. a local copy of the hub model); it must be the same
+    model. `verify` checks every weight file's sha256 against the manifest. All weights are loaded
+    strictly; only safetensors files are read. Returns the model in eval mode without gradients.
+    """
+    # 1. Manifest and files
+    path = Path(path)
+    manifest = read_manifest(path)
+    _check_files(path, manifest, verify)
+    base = base_model or manifest.base_model
+
+    # 2. Base model, then the same placeholder ids as in training
+    sd = load_stable_diffusion(base)
+    _check_probe(sd, manifest, base)
+    for token in manifest.tokens:
+        token_id = add_placeholder_token(sd.tokenizer, sd.text_encoder, token.placeholder, token.object)
+        if token_id != token.token_id:
+            raise InputError(
+                f"token '{token.placeholder}' got id {token_id} on base '{base}', but the export was trained "
+                f"with id {token.token_id}: the tokenizer differs"
+            )
+
+    # 3. Weights (strict)
+    names = WEIGHT_FILES[manifest.method]
+    if manifest.method == "lora":
+        if manifest.lora_rank is None:
+            raise InputError(f"manifest of '{path}' has method lora but no lora_rank")
+        add_lora_adapters(sd.unet, sd.text_encoder, manifest.lora_rank)
+    for model, key in ((sd.unet, "unet"), (sd.text_encoder, "text_encoder")):
+        file = path / names[key]
+        state = _load_tensors(file)
+        if manifest.method == "lora":
+            expected = set(lora_state_dict(model))
+            if set(state) != expected:
+                rank = manifest.lora_rank
+                raise InputError(f"'{file}' holds other LoRA weights than rank-{rank} adapters on '{base}'")
+            state = {**model.state_dict(), **state}
+        _load_strict(model, state, file, base)
+    rows = _load_tensors(path / EMBEDDINGS)
+    embeddings = sd.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token in manifest.tokens:
+            row = rows.get(token.placeholder)
+            if row is None or row.shape != embeddings.shape[1:]:
+                raise InputError(f"'{path / EMBEDDINGS}' has no embedding row of size {embeddings.shape[1]} "
+                                 f"for '{token.placeholder}'")
+            embeddings[token.token_id] = row.to(embeddings.dtype)
+
+    # 4. Device, dtype, inference mode
+    for model in (sd.unet, sd.text_encoder, sd.vae):
+        model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return sd, manifest
