@@ -12,9 +12,11 @@ other rows are restored after each optimiser step), in both modes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from diffusers import DDIMScheduler
 from omegaconf import OmegaConf
 
 from s2edit.attention import (
+    AttentionController,
     AttentionStore,
     ColumnMask,
     ControllerChain,
@@ -126,13 +129,21 @@ class S2EditModule(L.LightningModule):
         self.base_model = config.model
         self.resolution = config.resolution
         self.num_train_timesteps = self.sd.scheduler.config.num_train_timesteps
+        # One controller object routes every cross-attention layer for the whole fit (installed in
+        # on_fit_start: gradient checkpointing re-runs the forward during backward, outside any step scope)
         self.attention_store = AttentionStore(levels=(MASK_LEVEL,), detach=self.attention_weight == 0)
+        self.attention = ControllerChain([])
+        self._installed: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # frozen parts may be half precision (STYLE habit 3)
             self.vae.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        self._installed = contextlib.ExitStack()
+        self._installed.enter_context(
+            controlled_attention(self.unet, self.attention, layers=cross_attention_layers)
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self._step(batch)
@@ -161,6 +172,11 @@ class S2EditModule(L.LightningModule):
         with torch.no_grad():
             embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows].to(embeddings.dtype)
 
+    def on_fit_end(self) -> None:
+        if self._installed is not None:  # restore the UNet's own processors
+            self._installed.close()
+            self._installed = None
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)  # constant lr
@@ -177,17 +193,26 @@ class S2EditModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ the step
 
-    def attention_controller(self, batch: dict[str, torch.Tensor]) -> ControllerChain:
-        """Record the level-4 maps (before masking: L_attn sees the raw maps), then Eq. 3 spatial control."""
+    def attention_controllers(self, batch: dict[str, torch.Tensor]) -> list[AttentionController]:
+        """This step's controllers, in order: record the level-4 maps (raw: L_attn sees them before the
+        mask), then Eq. 3 spatial control of each row's placeholder column."""
         self.attention_store.reset()
-        self.attention_store.step = self.global_step
         columns = []
         if self.spatial_control:
             columns = [
                 ColumnMask(row, int(batch["placeholder_position"][row]), batch["mask"][row])
                 for row in range(batch["latents"].shape[0])
             ]
-        return ControllerChain([self.attention_store, SpatialControl(columns, renormalize=self.renormalize)])
+        return [self.attention_store, SpatialControl(columns, renormalize=self.renormalize)]
+
+    @contextlib.contextmanager
+    def routed(self) -> Iterator[None]:
+        """The UNet's cross-attention goes through `self.attention` (already so during a fit)."""
+        if self._installed is not None:
+            yield
+        else:
+            with controlled_attention(self.unet, self.attention, layers=cross_attention_layers):
+                yield
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids → (B, L, D) last hidden state after the final layer norm (what the UNet sees)."""
@@ -208,7 +233,10 @@ class S2EditModule(L.LightningModule):
         prompt_states, source_states = hidden[:batch_size], hidden[batch_size:]  # (B, L, D) each
 
         # 3. UNet under spatial control, every cross-attention layer (Eq. 3)
-        with controlled_attention(self.unet, self.attention_controller(batch), layers=cross_attention_layers):
+        # the controllers stay set until the next step: gradient checkpointing re-runs this in backward
+        self.attention.controllers = self.attention_controllers(batch)
+        self.attention.step = self.global_step  # forwarded to every member
+        with self.routed():
             prediction = self.unet(noisy, timesteps, encoder_hidden_states=prompt_states).sample
         target = diffusion_target(self.sd.scheduler, latents, noise, timesteps)
         recon = reconstruction_loss(prediction, target)
@@ -285,11 +313,15 @@ class S2EditModule(L.LightningModule):
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         z = scheduler.add_noise(latents, noise, timesteps[:1])
         states = self.encode_text(input_ids)
-        controller = SpatialControl(columns, renormalize=self.renormalize)
-        with controlled_attention(self.unet, controller, layers=cross_attention_layers):
-            for t in timesteps:
-                output = self.unet(z, t, encoder_hidden_states=states).sample
-                z = scheduler.step(output, t, z).prev_sample
+        training_controllers = self.attention.controllers
+        self.attention.controllers = [SpatialControl(columns, renormalize=self.renormalize)]
+        try:
+            with self.routed():
+                for t in timesteps:
+                    output = self.unet(z, t, encoder_hidden_states=states).sample
+                    z = scheduler.step(output, t, z).prev_sample
+        finally:
+            self.attention.controllers = training_controllers
         return self.sd.decode_latents(z.to(self.vae.dtype)).float()
 
     @torch.no_grad()
