@@ -102,6 +102,7 @@ def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the data is cached tensors
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen VAE, on purpose
+    warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")  # cached pairs: nothing to resume
     out = Path(config.out)
     checkpoint = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if config.resume:

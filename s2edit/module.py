@@ -147,7 +147,8 @@ class S2EditModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self._step(batch)
-        for name, value in terms.items():
+        for name in sorted(terms, key=lambda n: n == "loss"):  # name the culprit term, not the sum
+            value = terms[name]
             if not torch.isfinite(value.detach()).all():
                 raise NonFiniteLossError(
                     f"loss term '{name}' became {value.item()} at step {self.global_step}: training stopped "
