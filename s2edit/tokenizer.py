@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from spl.io import InputError
+from spl.io import InputError, atomic_path
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # shipped inside the open_clip package
 NUM_BYTE_TOKENS = 256
@@ -65,34 +65,30 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "clip_tokenizer"
 
 
-def _cache_is_valid(folder: Path) -> bool:
-    try:
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        with (folder / "merges.txt").open(encoding="utf-8") as f:
-            num_merges = sum(1 for line in f if line.strip() and not line.startswith("#version"))
-    except (OSError, ValueError):
-        return False
-    return len(vocab) == VOCAB_SIZE and num_merges == NUM_MERGES
-
-
 def _write_tokenizer_files(folder: Path) -> None:
-    """Write vocab.json + merges.txt once, atomically (temp dir, then rename), so that readers racing a
-    writer never see half a file."""
+    """Write vocab.json + merges.txt atomically, so that a reader racing a writer never sees half a file:
+    a new folder is filled under a temporary name and renamed; in an existing folder (a stale cache, or
+    one another process just created) each file is replaced atomically. Nothing else there is touched."""
     vocab, merges = _clip_vocab_and_merges()
+    contents = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "\n".join([MERGES_HEADER, *merges]) + "\n",
+    }
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tmp / "merges.txt").write_text("\n".join([MERGES_HEADER, *merges]) + "\n", encoding="utf-8")
-        if folder.exists():  # stale or corrupt cache: replace it
-            shutil.rmtree(folder, ignore_errors=True)
+    if not folder.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not _cache_is_valid(folder):  # another process won the race with a good copy: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            for name, text in contents.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            os.rename(tmp, folder)
+            return
+        except OSError:  # the folder appeared meanwhile: fall through to per-file replacement
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name, text in contents.items():
+        with atomic_path(folder / name) as tmp_file:
+            tmp_file.write_text(text, encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=4)
@@ -111,10 +107,14 @@ def clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
     since callers add placeholder tokens to it.
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if not _cache_is_valid(folder):
-        _write_tokenizer_files(folder)
+    try:
+        vocab, merges = _read_tokenizer_files(folder)
+    except (OSError, ValueError):  # not written yet, or unreadable
+        vocab, merges = {}, ()
+    if len(vocab) != VOCAB_SIZE or len(merges) != NUM_MERGES:  # missing or corrupt: (re)build it
         _read_tokenizer_files.cache_clear()
-    vocab, merges = _read_tokenizer_files(folder)
+        _write_tokenizer_files(folder)
+        vocab, merges = _read_tokenizer_files(folder)
     return CLIPTokenizer(
         vocab=dict(vocab),
         merges=list(merges),

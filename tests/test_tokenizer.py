@@ -95,11 +95,13 @@ def test_cache_files_and_fresh_instances(cache_dir, tokenizer):
     assert len(clip_tokenizer(cache_dir)) == VOCAB_SIZE
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path):
+def test_corrupt_cache_is_rebuilt_in_place(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "unrelated.txt").write_text("kept")
     assert clip_tokenizer(tmp_path)("a photo").input_ids == [49406, 320, 1125, 49407]
     assert len(json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))) == VOCAB_SIZE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "unrelated.txt", "vocab.json"]
 
 
 def test_placeholders_get_new_ids_and_rows(tokenizer, text_encoder):
