@@ -375,7 +375,7 @@ class ResumeCheckpoint(L.Callback):
         self._saved_step = -1
 
     def _save(self, trainer: L.Trainer) -> None:
-        if trainer.global_step == self._saved_step or trainer.global_step == 0:
+        if trainer.global_step == self._saved_step:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
