@@ -142,6 +142,8 @@ class S2EditDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.prepared:  # latents and masks are computed once (and from the pretrained model)
             return
+        if self.trainer is not None:  # Lightning moves the model after setup: compute on the device now
+            self.sd.to(self.trainer.strategy.root_device)
         self.prepared = [
             prepare_pair(
                 self.sd, pair, self.token_ids[pair.placeholder], self.resolution,

@@ -109,9 +109,8 @@ class S2EditModule(L.LightningModule):
             self.text_encoder.requires_grad_(True)
         embeddings = self.text_encoder.get_input_embeddings().weight
         embeddings.requires_grad_(True)
-        frozen_rows = torch.ones(embeddings.shape[0], dtype=torch.bool)
-        frozen_rows[list(self.token_ids.values())] = False
-        self.register_buffer("frozen_rows", frozen_rows, persistent=False)
+        learned_rows = torch.tensor(sorted(self.token_ids.values()), dtype=torch.long)
+        self.register_buffer("learned_rows", learned_rows, persistent=False)
         self.register_buffer("original_embeddings", embeddings.detach().clone(), persistent=False)
         if config.finetune.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -165,13 +164,17 @@ class S2EditModule(L.LightningModule):
         # only the placeholders' embedding rows learn; zero the others before clipping and the step
         grad = self.text_encoder.get_input_embeddings().weight.grad
         if grad is not None:
-            grad[self.frozen_rows] = 0
+            learned = grad[self.learned_rows].clone()  # whole-tensor ops: faster than masked indexing
+            grad.zero_()
+            grad[self.learned_rows] = learned
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # AdamW's decoupled weight decay moves every row: restore the frozen ones exactly
         embeddings = self.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            embeddings[self.frozen_rows] = self.original_embeddings[self.frozen_rows].to(embeddings.dtype)
+            learned = embeddings[self.learned_rows].clone()
+            embeddings.copy_(self.original_embeddings)
+            embeddings[self.learned_rows] = learned
 
     def on_fit_end(self) -> None:
         if self._installed is not None:  # restore the UNet's own processors
