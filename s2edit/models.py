@@ -197,7 +197,8 @@ def _looks_like_path(model: str) -> bool:
 def check_diffusers_folder(folder: Path) -> None:
     """Refuse, in one line naming what is missing, a folder that is not a diffusers SD folder."""
     if not folder.is_dir():
-        raise InputError(f"model folder '{folder}' does not exist; {LOAD_HINT}")
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"model folder '{folder}' {problem}; {LOAD_HINT}")
     missing = [
         f"{part}/{' or '.join(names)}"
         for part, alternatives in REQUIRED_FILES.items()
@@ -214,7 +215,8 @@ def check_diffusers_folder(folder: Path) -> None:
 def _from_hub(model_id: str, dtype: torch.dtype, local_files_only: bool | None) -> StableDiffusion:
     """Cache first (never touches the network); then the hub, unless offline or unreachable — both fail
     fast instead of retrying for half a minute."""
-    offline = hub_constants.HF_HUB_OFFLINE if local_files_only is None else local_files_only
+    env_offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    offline = (hub_constants.HF_HUB_OFFLINE or env_offline) if local_files_only is None else local_files_only
     try:
         return _from_pretrained(model_id, dtype=dtype, local_files_only=True)
     except InputError:

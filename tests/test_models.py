@@ -167,6 +167,12 @@ def test_hub_id_offline_fails_fast_with_a_hint():
     assert "\n" not in message
 
 
+def test_hub_offline_env_is_honoured(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match=r"'s2edit-tests/no-such-model'.*offline mode"):
+        load_stable_diffusion("s2edit-tests/no-such-model")
+
+
 def test_hub_id_without_network_fails(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: like an unreachable hub
     monkeypatch.setattr("s2edit.models.hub_constants.ENDPOINT", "https://127.0.0.1:9")
@@ -186,6 +192,9 @@ def test_bad_model_names(model):
 def test_incomplete_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_stable_diffusion(str(tmp_path / "missing"))
+    (tmp_path / "weights.ckpt").write_text("")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        load_stable_diffusion(str(tmp_path / "weights.ckpt"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")
     with pytest.raises(InputError) as error:
