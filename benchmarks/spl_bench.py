@@ -1,12 +1,12 @@
 """Benchmark `spl.refine` against a straightforward implementation of the same formula (SPEC §5).
 
-    python benchmarks/spl_bench.py [--sizes 512 1024] [--iterations 10] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/spl_bench.py [--sizes 512 1024] [--iterations 10] [--repeats 5] [--device cpu|cuda]
                                    [--threads N]
 
-Inputs: skimage's astronaut resized to size², edited = warm tint + 5×5 blur. For every size and
-implementation a fresh child process loads them, runs the float32 loop `repeats` times and reports the best
-ms per iteration and the peak memory of the first run (CPU: growth of ru_maxrss; CUDA: growth of
-torch.cuda.max_memory_allocated). Its result is compared with `refine` run in float64 (same iterations).
+Inputs: skimage's astronaut resized to size², edited = warm tint + 5×5 blur. Time: best ms per iteration
+over `repeats` float32 runs, the implementations interleaved. Memory: a fresh child process per
+implementation runs the loop once (CPU: growth of ru_maxrss; CUDA: growth of
+torch.cuda.max_memory_allocated) and compares its result with `refine` run in float64 (same iterations).
 The straightforward version recomputes all statistics and the loss from scratch each iteration
 (separable cumulative-sum box means with gathers, S statistics included) and backpropagates with autograd.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -98,11 +99,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def worker(name: str, inputs: Path, iterations: int, repeats: int, device: str) -> dict:
-    """Runs in a child process: timing, peak memory and the float32 result's error vs float64.
+def memory_worker(name: str, inputs: Path, iterations: int, device: str) -> dict:
+    """Runs in a child process: peak memory of one float32 run and its error vs float64.
 
     The inputs come from a file so that nothing but the measured loop has run in this process: the
-    growth of ru_maxrss during the first repeat is then the loop's peak memory.
+    growth of ru_maxrss during the run is then the loop's peak memory.
     """
     source, edited = (t.to(device) for t in torch.load(inputs))
     s32, e32 = source.float(), edited.float()
@@ -113,20 +114,30 @@ def worker(name: str, inputs: Path, iterations: int, repeats: int, device: str) 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = run(s32, e32, iterations)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+    out = run(s32, e32, iterations)
     if device == "cuda":
         peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:  # ru_maxrss is in KiB on Linux
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     reference = refine(source, edited, structure_weight=STRUCTURE_WEIGHT, iterations=iterations)  # float64
-    return {"ms_per_iter": 1000 * best / iterations, "peak_mib": peak_mib,
-            "max_abs_vs_f64": (out.double() - reference).abs().max().item()}
+    return {"peak_mib": peak_mib, "max_abs_vs_f64": (out.double() - reference).abs().max().item()}
+
+
+def best_times(source: torch.Tensor, edited: torch.Tensor, iterations: int, repeats: int,
+               device: str) -> dict[str, float]:
+    """Best ms per iteration of each implementation, runs interleaved so that a busy spell of a shared
+    machine hits both alike."""
+    best = dict.fromkeys(IMPLEMENTATIONS, float("inf"))
+    for run in IMPLEMENTATIONS.values():
+        run(source[..., :32, :32], edited[..., :32, :32], 1)  # warm-up
+    for _ in range(repeats):
+        for name, run in IMPLEMENTATIONS.items():
+            _sync(device)
+            start = time.perf_counter()
+            run(source, edited, iterations)
+            _sync(device)
+            best[name] = min(best[name], 1000 * (time.perf_counter() - start) / iterations)
+    return best
 
 
 def main() -> None:
@@ -134,9 +145,12 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--precision-iterations", type=int, default=100,
+                        help="also report float32 vs float64 after this many iterations at the first size "
+                             "(0: skip)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "INPUTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -144,33 +158,46 @@ def main() -> None:
 
     if args.worker:
         name, inputs = args.worker
-        print(json.dumps(worker(name, Path(inputs), args.iterations, args.repeats, args.device)))
+        print(json.dumps(memory_worker(name, Path(inputs), args.iterations, args.device)))
         return
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}"
     print(f"# device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.iterations} iterations, best of {args.repeats}")
+          f"{args.iterations} iterations, best of {args.repeats} interleaved runs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| size | implementation | ms / iteration | speed-up | peak memory (MiB) "
           "| max abs diff vs float64 |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
+            source, edited = make_inputs(size)
             inputs = Path(tmp) / f"inputs_{size}.pt"
-            torch.save(make_inputs(size), inputs)
-            results = {}
+            torch.save((source, edited), inputs)
+            memory = {}
             for name in IMPLEMENTATIONS:
                 command = [sys.executable, __file__, "--worker", name, str(inputs), "--iterations",
-                           str(args.iterations), "--repeats", str(args.repeats), "--device", args.device]
+                           str(args.iterations), "--device", args.device]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
                 completed = subprocess.run(command, capture_output=True, text=True, check=True)
-                results[name] = json.loads(completed.stdout.strip().splitlines()[-1])
-            baseline = results["straightforward"]["ms_per_iter"]
-            for name, r in results.items():
-                print(f"| {size}² | {name} | {r['ms_per_iter']:.1f} | {baseline / r['ms_per_iter']:.2f}× | "
-                      f"{r['peak_mib']:.0f} | {r['max_abs_vs_f64']:.1e} |", flush=True)
+                memory[name] = json.loads(completed.stdout.strip().splitlines()[-1])
+            s32, e32 = source.float().to(args.device), edited.float().to(args.device)
+            times = best_times(s32, e32, args.iterations, args.repeats, args.device)
+            for name, ms in times.items():
+                print(f"| {size}² | {name} | {ms:.1f} | {times['straightforward'] / ms:.2f}× | "
+                      f"{memory[name]['peak_mib']:.0f} | {memory[name]['max_abs_vs_f64']:.1e} |", flush=True)
+
+    if args.precision_iterations:
+        n, size = args.precision_iterations, args.sizes[0]
+        source, edited = (t.to(args.device) for t in make_inputs(size))
+        reference = refine(source, edited, structure_weight=STRUCTURE_WEIGHT, iterations=n)
+        errors = {name: (run(source.float(), edited.float(), n).double() - reference).abs().max().item()
+                  for name, run in IMPLEMENTATIONS.items()}
+        print(f"\nafter {n} iterations at {size}², max abs diff vs float64: "
+              + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
