@@ -45,10 +45,11 @@ def training_pairs(config: TrainConfig) -> list[TrainingPair]:
 
 def check_inputs(config: TrainConfig) -> list[TrainingPair]:
     """Refuse bad inputs in one line before any model is loaded (STYLE habit 5)."""
-    for key, value, minimum in (("max_steps", config.max_steps, 1), ("resolution", config.resolution, 64),
-                                ("image_log_every", config.image_log_every, 0),
-                                ("checkpoint_every", config.checkpoint_every, 0)):
-        if value < minimum:
+    limits = [("max_steps", config.max_steps, 1), ("resolution", config.resolution, 64),
+              ("image_log_every", config.image_log_every, 0),
+              ("checkpoint_every", config.checkpoint_every, 0)]
+    for key, value, minimum in limits:
+        if value is not None and value < minimum:
             raise InputError(f"{key}={value} must be at least {minimum}")
     pairs = training_pairs(config)
     tokenizer = clip_tokenizer()  # the checks add the placeholders to this fresh copy
@@ -112,7 +113,7 @@ def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
     L.seed_everything(config.seed, verbose=False)
     module = S2EditModule(config)
     datamodule = S2EditDataModule(
-        pairs, module.sd, module.token_ids, config.max_steps, config.resolution,
+        pairs, module.sd, module.token_ids, config.max_steps, module.resolution,
         config.spatial.mask_timesteps, config.spatial.mask_threshold, config.seed,
     )
 

@@ -65,7 +65,7 @@ def run_case(case: str, steps: int, warmup: int, rounds: int, device: str, threa
     started = time.perf_counter()
     module = S2EditModule(config)
     build_s = time.perf_counter() - started
-    datamodule = S2EditDataModule(pairs, module.sd, module.token_ids, total, config.resolution)
+    datamodule = S2EditDataModule(pairs, module.sd, module.token_ids, total, module.resolution)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 

@@ -70,7 +70,8 @@ class TrainConfig:
     reference_object: str | None = _opt(None, "word of reference_prompt naming the attribute's region")
     reference_placeholder: str = _opt("[A]", "attribute token string for the reference")
     reference_mask: str | None = _opt(None, "attribute mask image instead of the attention-derived one")
-    resolution: int = _opt(512, "working size: area ≈ resolution², sides multiples of 64")
+    resolution: int | None = _opt(None, "working size (area ≈ resolution², sides multiples of 64); "
+                                  "null: the model's native size (SD v1: 512, tiny: 256)")
     out: str = _opt("outputs/train", "output folder: logs, checkpoints and export/")
     max_steps: int = _opt(200, "optimisation steps (S2Edit §4.1)")
     seed: int = _opt(0, "random seed")

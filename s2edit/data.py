@@ -114,6 +114,7 @@ class S2EditDataModule(L.LightningDataModule):
     """One (or two) image-prompt pairs; an epoch is `max_steps` optimisation steps.
 
     Both pairs go in one batch of 2 when their latents have the same size, else they alternate.
+    `resolution=None` keeps each image's own scale (sides rounded to multiples of 64).
     `token_ids` maps each pair's placeholder to its id (added to `sd.tokenizer` beforehand).
     """
 
