@@ -151,7 +151,7 @@ class S2EditModule(L.LightningModule):
             if not torch.isfinite(value.detach()).all():
                 raise NonFiniteLossError(
                     f"loss term '{name}' became {value.item()} at step {self.global_step}: training stopped "
-                    f"(lower the learning rate or check the model weights); the last checkpoint is resumable"
+                    f"(lower the learning rate, or check the base model's weights)"
                 )
         batch_size = batch["latents"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, batch_size=batch_size)
