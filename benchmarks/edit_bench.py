@@ -1,0 +1,219 @@
+"""Benchmark the editing stage: inversion (null_text vs negative_prompt), one edit, one edit with SPL.
+
+    python benchmarks/edit_bench.py [--presets tiny sd-v1-random] [--resolution 256] [--steps 20 3]
+                                    [--inner-steps 10] [--spl-iterations 100] [--device cpu|cuda]
+                                    [--threads N] [--repeats 1]
+
+The null-text inversion of `s2edit.inversion` is compared, in the same run and on the same inputs, with
+`reference_null_text` below: the same algorithm (same early stop, same stored ∅_i, hence the same
+result) written the straightforward way, i.e. the whole classifier-free-guidance batch [∅, P̃] through
+the UNet (forward and backward) at every inner step, and a separate CFG pass to advance z̄. The fast
+version computes ε_c once per step without a graph, back-propagates only the ∅ row, and advances with
+the move it has just evaluated. The table reports seconds, the speed-up, UNet row evaluations and the
+largest difference between the two sets of ∅_i.
+
+Models are random (no downloads): their UNet output layer is damped ×0.1 (as in the tests) so that the
+DDIM trajectories are well conditioned and both implementations can be compared numerically; timing
+is unaffected. On CPU the step counts are reduced (`--steps`, one per preset); on a GPU use
+`--device cuda --resolution 512 --steps 50 50` to compare with the paper's A100 timings (SD v1-4,
+512²: Null-text inversion ~113 s, one edit ~9 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from s2edit.inversion import DDIMSchedule, ddim_inversion, ddim_step, invert
+from s2edit.models import StableDiffusion, load_stable_diffusion
+from spl.io import load_image
+
+IMAGE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
+SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
+GUIDANCE = 7.5
+OUTPUT_DAMPING = 0.1  # see tests/test_inversion.py: a random UNet's DDIM trajectories are chaotic
+PAPER_A100_S = {"null_text": 113.0, "edit": 9.0}  # S2Edit §4 / SPEC §8, SD v1-4 at 512²
+
+
+# ----------------------------------------------------------------------------- straightforward version
+
+
+@dataclass
+class ReferenceResult:
+    null_embeddings: torch.Tensor  # (N, L, D)
+    losses: list[float] = field(default_factory=list)
+    inner_steps: list[int] = field(default_factory=list)
+    unet_calls: int = 0  # UNet row evaluations
+
+
+def reference_null_text(
+    sd: StableDiffusion,
+    image: torch.Tensor,
+    prompt: str,
+    steps: int,
+    guidance: float,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    early_stop_growth: float = 2e-5,
+) -> ReferenceResult:
+    """Null-text inversion as one would first write it: the full CFG batch at every inner step."""
+    with torch.no_grad():
+        z0 = sd.encode_image(image.to(sd.device)).float()
+        cond = sd.encode_prompt([prompt]).float()
+        null = sd.encode_prompt([""]).float()
+    schedule = DDIMSchedule.from_scheduler(sd.scheduler, steps)
+    latents = ddim_inversion(sd.unet, z0, cond, schedule, progress=False)
+    n = len(schedule)
+    z = latents[n : n + 1]
+    result = ReferenceResult(torch.empty(0))
+    stored = []
+
+    def guided(z: torch.Tensor, t: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+        out = sd.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([null, cond])).sample.float()
+        result.unet_calls += 2
+        eps_uncond, eps_cond = out.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    for i in range(n):
+        t, alpha, alpha_prev = (
+            schedule.timesteps[i],
+            float(schedule.alphas[i]),
+            float(schedule.alphas_prev[i]),
+        )
+        null = null.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh leaf
+        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
+        for update in range(inner_steps + 1):
+            loss = F.mse_loss(ddim_step(z, guided(z, t, null), alpha, alpha_prev), latents[n - 1 - i : n - i])
+            if update == inner_steps or loss.item() < early_stop + i * early_stop_growth:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        stored.append(null.detach()[0].clone())
+        result.losses.append(loss.item())
+        result.inner_steps.append(update)
+        with torch.no_grad():
+            z = ddim_step(z, guided(z, t, null.detach()), alpha, alpha_prev)
+    result.null_embeddings = torch.stack(stored)
+    return result
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def damped_model(preset: str, device: str) -> StableDiffusion:
+    sd = load_stable_diffusion(preset, device=device, seed=0)
+    with torch.no_grad():
+        sd.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
+        sd.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
+    for module in (sd.unet, sd.vae, sd.text_encoder):
+        module.requires_grad_(False)
+    return sd
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, object]:
+    best, value = float("inf"), None
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        value = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, value
+
+
+def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
+    from s2edit.editing import Editor
+
+    sd = damped_model(preset, args.device)
+    image = load_image(IMAGE, args.resolution, multiple=sd.size_multiple)
+    row: dict = {"preset": preset, "size": f"{image.shape[-1]}x{image.shape[-2]}", "steps": steps}
+
+    def fast():
+        return invert(
+            sd, image, SOURCE, "null_text", steps, GUIDANCE, inner_steps=args.inner_steps, progress=False
+        )
+
+    def reference():
+        return reference_null_text(sd, image, SOURCE, steps, GUIDANCE, inner_steps=args.inner_steps)
+
+    row["null_text_s"], inversion = timed(fast, args.device, args.repeats)
+    row["reference_s"], ref = timed(reference, args.device, args.repeats)
+    row["speedup"] = row["reference_s"] / row["null_text_s"]
+    row["max_abs_diff"] = float((inversion.null_embeddings - ref.null_embeddings.cpu()).abs().max())
+    row["same_updates"] = inversion.inner_steps == ref.inner_steps
+    row["updates"] = sum(inversion.inner_steps)
+    row["negative_prompt_s"], _ = timed(
+        lambda: invert(sd, image, SOURCE, "negative_prompt", steps, GUIDANCE, progress=False),
+        args.device,
+        args.repeats,
+    )
+    editor = Editor(sd, weights=preset, progress=False)
+    row["edit_s"], _ = timed(
+        lambda: editor.edit(inversion, [TARGET], structure=False, postprocess=False),
+        args.device,
+        args.repeats,
+    )
+    row["edit_spl_s"], result = timed(
+        lambda: editor.edit(inversion, [TARGET], iterations=args.spl_iterations), args.device, args.repeats
+    )
+    row["spl_steps"] = len(result.metrics["spl_in_loop"])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "sd-v1-random"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[20, 3], help="DDIM steps, one per preset")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--spl-iterations", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = (args.steps * len(args.presets))[: len(args.presets)] if len(args.steps) == 1 else args.steps
+
+    print(
+        f"# edit_bench: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"device {args.device}, threads {torch.get_num_threads()}, inner steps ≤ {args.inner_steps}, "
+        f"guidance {GUIDANCE}, SPL iterations {args.spl_iterations}"
+    )
+    header = (
+        "| preset | size | steps | null_text s | reference s | speed-up | max abs Δ∅ | same updates | "
+        "negative_prompt s | edit s | edit + SPL s |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for preset, n in zip(args.presets, steps):
+        r = bench_preset(preset, n, args)
+        print(
+            f"| {r['preset']} | {r['size']} | {r['steps']} | {r['null_text_s']:.2f} | "
+            f"{r['reference_s']:.2f} | "
+            f"{r['speedup']:.2f}× | {r['max_abs_diff']:.1e} | {r['same_updates']} | "
+            f"{r['negative_prompt_s']:.2f} | {r['edit_s']:.2f} | {r['edit_spl_s']:.2f} |",
+            flush=True,
+        )
+    if args.device.startswith("cuda") and args.resolution == 512:
+        print(
+            f"paper (A100, SD v1-4, 512², 50 steps): null-text inversion {PAPER_A100_S['null_text']:.0f} s, "
+            f"edit {PAPER_A100_S['edit']:.0f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
