@@ -18,11 +18,15 @@ import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from spl.io import InputError, atomic_path
+
+if TYPE_CHECKING:  # importing the model classes costs seconds; train.py's input checks need none
+    from transformers import CLIPTextModel
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # shipped inside the open_clip package
 NUM_BYTE_TOKENS = 256
