@@ -123,6 +123,130 @@ def word_maps(maps: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.T
     return torch.stack([maps[..., list(p)].sum(dim=-1) for p in positions])
 
 
+def placeholders_in(tokenizer: Any, placeholders: Sequence[Placeholder], prompt: str) -> list[Placeholder]:
+    """The placeholders that occur in `prompt`."""
+    found = []
+    for placeholder in placeholders:
+        try:
+            word_token_indices(tokenizer, prompt, placeholder.text)
+        except InputError:
+            continue
+        found.append(placeholder)
+    return found
+
+
+def _require_word(tokenizer: Any, word: str, prompt: str, option: str) -> None:
+    try:
+        word_token_indices(tokenizer, prompt, word)
+    except InputError:
+        raise InputError(
+            f"{option} word '{word}' is not in the prompt '{prompt}': use a word of that prompt"
+        ) from None
+
+
+def blend_words_per_prompt(
+    tokenizer: Any, prompts: Sequence[str], words: Sequence[str]
+) -> list[list[str]] | None:
+    """The flat LocalBlend word list → the words present in each prompt [source, *targets] (P2P's form);
+    a word in none of them is refused."""
+    if not words:
+        return None
+    per_prompt: list[list[str]] = [[] for _ in prompts]
+    for word in words:
+        found = False
+        for row, prompt in enumerate(prompts):
+            try:
+                word_token_indices(tokenizer, prompt, word)
+            except InputError:
+                continue
+            per_prompt[row].append(word)
+            found = True
+        if not found:
+            raise InputError(
+                f"blend word '{word}' is in neither the source nor a target prompt ({' | '.join(prompts)}): "
+                "use a word of them"
+            )
+    return per_prompt
+
+
+def check_edit_inputs(
+    tokenizer: Any,
+    placeholders: Sequence[Placeholder],
+    source: str,
+    targets: Sequence[str],
+    num_steps: int = 50,
+    mode: str = "refine",
+    cross_replace: float = 0.8,
+    cross_replace_words: Mapping[str, float] | None = None,
+    self_replace: float = 0.5,
+    reweight: Mapping[str, float] | None = None,
+    blend_words: Sequence[str] = (),
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
+    iterations: int = 100,
+    opt_schedule: float = 0.8,
+    structure_weight: float = 1e4,
+    color_weight: float = 1e3,
+    area: str = "whole",
+    mask_words_source: Sequence[str] = (),
+    mask_words_target: Sequence[str] = (),
+    mask_threshold: float = 0.5,
+) -> PromptToPrompt:
+    """Refuse every user mistake of an edit before any model call, naming the bad value (STYLE habit 5).
+
+    Needs only a tokenizer that knows the placeholders, so scripts can call it before loading a model.
+    Each target must contain the placeholders of the source prompt (or, when it has none, the
+    checkpoint's first one). Returns the edit's Prompt-to-Prompt controller.
+    """
+    if isinstance(targets, str) or not targets or not all(str(t).strip() for t in targets):
+        raise InputError(f"target={targets!r} must be one or more non-empty prompts")
+    for prompt in (source, *targets):
+        token_ids(tokenizer, prompt)  # over-long prompts are refused, never truncated
+    required = placeholders_in(tokenizer, placeholders, source) or list(placeholders[:1])
+    for target in targets:
+        present = placeholders_in(tokenizer, placeholders, target)
+        for placeholder in required:
+            if placeholder not in present:
+                raise InputError(
+                    f"target '{target}' does not contain the placeholder {placeholder.text} of the "
+                    f"checkpoint: write it where the subject is, as in '{placeholder.prompt}'"
+                )
+    if area not in AREAS:
+        raise InputError(f"spl.area='{area}' must be one of {', '.join(AREAS)}")
+    if area == "masked" and not (mask_words_source or mask_words_target):
+        raise InputError(
+            "spl.area=masked needs mask words: set spl.mask_words_source and/or spl.mask_words_target"
+        )
+    for word in mask_words_source:
+        _require_word(tokenizer, word, source, "spl.mask_words_source")
+    for word in mask_words_target:
+        for target in targets:
+            _require_word(tokenizer, word, target, "spl.mask_words_target")
+    for name, value in (("spl.opt_schedule", opt_schedule), ("spl.mask_threshold", mask_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"{name}={value} must be in [0, 1]")
+    if iterations < 0 or structure_weight < 0 or color_weight < 0:
+        raise InputError(
+            f"spl.iterations={iterations} and the SPL/CPL weights ({structure_weight}, {color_weight}) "
+            "must be >= 0"
+        )
+    blend = blend_words_per_prompt(tokenizer, [source, *targets], blend_words)
+    return build_p2p(
+        tokenizer,
+        source,
+        list(targets),
+        num_steps,
+        mode,
+        cross_replace,
+        cross_replace_words,
+        self_replace,
+        reweight,
+        blend,
+        blend_threshold,
+        blend_start,
+    )
+
+
 class Editor:
     """A loaded model (base or fine-tuned) that inverts and edits images (see the module docstring).
 
@@ -215,14 +339,7 @@ class Editor:
         return load_image(path, resolution, multiple=self.sd.size_multiple)
 
     def placeholders_in(self, prompt: str) -> list[Placeholder]:
-        found = []
-        for placeholder in self.placeholders:
-            try:
-                word_token_indices(self.tokenizer, prompt, placeholder.text)
-            except InputError:
-                continue
-            found.append(placeholder)
-        return found
+        return placeholders_in(self.tokenizer, self.placeholders, prompt)
 
     def placeholder_masks(self, prompt: str) -> list[PlaceholderMask]:
         """(token position, mask) of every placeholder with a mask in `prompt` (spatial control)."""
@@ -297,103 +414,10 @@ class Editor:
     # ------------------------------------------------------------------------------------ editing
 
     def check_inputs(
-        self,
-        source: str,
-        targets: Sequence[str],
-        num_steps: int = 50,
-        mode: str = "refine",
-        cross_replace: float = 0.8,
-        cross_replace_words: Mapping[str, float] | None = None,
-        self_replace: float = 0.5,
-        reweight: Mapping[str, float] | None = None,
-        blend_words: Sequence[str] = (),
-        blend_threshold: float = 0.3,
-        blend_start: float = 0.2,
-        iterations: int = 100,
-        opt_schedule: float = 0.8,
-        structure_weight: float = 1e4,
-        color_weight: float = 1e3,
-        area: str = "whole",
-        mask_words_source: Sequence[str] = (),
-        mask_words_target: Sequence[str] = (),
-        mask_threshold: float = 0.5,
+        self, source: str, targets: Sequence[str], num_steps: int = 50, **options: Any
     ) -> PromptToPrompt:
-        """Refuse every user mistake before any UNet call, naming the bad value; returns the P2P
-        controller of the edit."""
-        if isinstance(targets, str) or not targets or not all(str(t).strip() for t in targets):
-            raise InputError(f"target={targets!r} must be one or more non-empty prompts")
-        for prompt in (source, *targets):
-            token_ids(self.tokenizer, prompt)  # over-long prompts are refused, never truncated
-        required = self.placeholders_in(source)[:] or self.placeholders[:1]
-        for target in targets:
-            for placeholder in required:
-                if placeholder not in self.placeholders_in(target):
-                    raise InputError(
-                        f"target '{target}' does not contain the placeholder {placeholder.text} of the "
-                        f"checkpoint: write it where the subject is, as in '{placeholder.prompt}'"
-                    )
-        if area not in AREAS:
-            raise InputError(f"spl.area='{area}' must be one of {', '.join(AREAS)}")
-        if area == "masked" and not (mask_words_source or mask_words_target):
-            raise InputError(
-                "spl.area=masked needs mask words: set spl.mask_words_source and/or spl.mask_words_target"
-            )
-        for word in mask_words_source:
-            self._require_word(word, source, "spl.mask_words_source")
-        for word in mask_words_target:
-            for target in targets:
-                self._require_word(word, target, "spl.mask_words_target")
-        for name, value in (("spl.opt_schedule", opt_schedule), ("spl.mask_threshold", mask_threshold)):
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"{name}={value} must be in [0, 1]")
-        if iterations < 0 or structure_weight < 0 or color_weight < 0:
-            raise InputError(
-                f"spl.iterations={iterations} and the SPL/CPL weights ({structure_weight}, "
-                f"{color_weight}) must be >= 0"
-            )
-        return build_p2p(
-            self.tokenizer,
-            source,
-            list(targets),
-            num_steps,
-            mode,
-            cross_replace,
-            cross_replace_words,
-            self_replace,
-            reweight,
-            self._blend_words([source, *targets], blend_words),
-            blend_threshold,
-            blend_start,
-        )
-
-    def _require_word(self, word: str, prompt: str, option: str) -> None:
-        try:
-            word_token_indices(self.tokenizer, prompt, word)
-        except InputError:
-            raise InputError(
-                f"{option} word '{word}' is not in the prompt '{prompt}': use a word of that prompt"
-            ) from None
-
-    def _blend_words(self, prompts: Sequence[str], words: Sequence[str]) -> list[list[str]] | None:
-        """The flat blend word list → the words present in each prompt [source, *targets] (P2P's form)."""
-        if not words:
-            return None
-        per_prompt: list[list[str]] = [[] for _ in prompts]
-        for word in words:
-            found = False
-            for row, prompt in enumerate(prompts):
-                try:
-                    word_token_indices(self.tokenizer, prompt, word)
-                except InputError:
-                    continue
-                per_prompt[row].append(word)
-                found = True
-            if not found:
-                raise InputError(
-                    f"blend word '{word}' is in neither the source nor a target prompt "
-                    f"({' | '.join(prompts)}): use a word of them"
-                )
-        return per_prompt
+        """:func:`check_edit_inputs` with this editor's tokenizer and placeholders."""
+        return check_edit_inputs(self.tokenizer, self.placeholders, source, targets, num_steps, **options)
 
     def _spatial_columns(self, prompts: Sequence[str], rows: Sequence[int]) -> list[ColumnMask]:
         return [
@@ -451,7 +475,9 @@ class Editor:
         # 1. Check inputs
         targets = list(targets)
         prompts = [inversion.prompt, *targets]
-        p2p = self.check_inputs(
+        p2p = check_edit_inputs(
+            self.tokenizer,
+            self.placeholders,
             inversion.prompt,
             targets,
             inversion.steps,

@@ -1,0 +1,341 @@
+"""Edit an image with S2Edit + SPL (SPEC §1, §3–§6).
+
+    python infer.py ckpt=outputs/demo/export target="a photo of a [I] woman with bangs"   # fine-tuned [I]
+    python infer.py ckpt=… target="a photo of a [I] woman with [A] makeup"               # compositional
+    python infer.py model=tiny image=examples/chelsea.png source="a photo of a cat" \\
+        target="a photo of a tiger" target="a photo of a lion"                          # training-free
+
+Writes into `out=` (default outputs/edit): one `edit_<k>.png` per target, `source.png` (the preprocessed
+input), `reconstruction.png` (the inversion's), `masks/` and `attention/` PNGs and `report.json`. The
+inversion is cached in `<ckpt>/cache/` (training-free: `<out>/cache/`) and reused by later edits of the
+same image and prompt. `python infer.py --help` lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from s2edit.config import CONFIG_DIR, InferConfig
+from spl.cli import parse_config, run_main
+from spl.io import InputError, read_image
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+REPORT = "report.json"
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the checks resolved: the image and source prompt (maybe from the checkpoint) and outputs."""
+
+    image: Path
+    source: str
+    out: Path
+    manifest: Any | None
+
+
+def output_names(n_targets: int) -> list[str]:
+    """The fixed image files of a run (masks/ and attention/ are folders of their own)."""
+    return ["source.png", "reconstruction.png", *(f"edit_{k}.png" for k in range(n_targets)), REPORT]
+
+
+def check_inputs(cfg: InferConfig) -> Inputs:
+    """Refuse bad inputs in one line before any model is loaded (STYLE habit 5)."""
+    if not cfg.target:
+        raise InputError('no target prompt: pass target="…" (repeat target=… for several edits)')
+    for key, value, minimum in (
+        ("steps", cfg.steps, 1),
+        ("resolution", cfg.resolution, 64),
+        ("nti.inner_steps", cfg.nti.inner_steps, 0),
+        ("spl.iterations", cfg.spl.iterations, 0),
+    ):
+        if value < minimum:
+            raise InputError(f"{key}={value} must be at least {minimum}")
+    manifest = None
+    if cfg.ckpt is not None:
+        from s2edit.export import read_manifest
+
+        ckpt = Path(cfg.ckpt)
+        if ckpt.is_file() and ckpt.suffix.lower() in PICKLE_SUFFIXES:
+            raise InputError(
+                f"checkpoint '{ckpt}' is a pickle file: only export folders of safetensors weights "
+                "are loaded (pickles can run code); pass the export folder written by train.py"
+            )
+        manifest = read_manifest(ckpt)
+        if not manifest.tokens:
+            raise InputError(f"checkpoint '{ckpt}' has no learned token: re-export it with train.py")
+    image = cfg.image or (manifest.tokens[0].image if manifest is not None else None)
+    source = cfg.source or (manifest.tokens[0].prompt if manifest is not None else None)
+    if image is None:
+        raise InputError("no image: pass image=path/to/photo.png (or ckpt= to edit the training image)")
+    if source is None:
+        raise InputError('no source prompt: pass source="a photo of a cat" describing the image')
+    read_image(image)  # exists, decodes, is large enough
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out='{out}' is a file: pass a folder")
+    image_path = Path(image).resolve()
+    for name in output_names(len(cfg.target)):
+        if (out / name).resolve() == image_path:
+            raise InputError(f"out='{out}' would overwrite the input image '{image}': choose another out=")
+    if image_path.is_relative_to(out.resolve() / "masks") or image_path.is_relative_to(
+        out.resolve() / "attention"
+    ):
+        raise InputError(f"the input image '{image}' lies in an output folder of out='{out}': move it")
+    check_prompts(cfg, source, manifest)
+    return Inputs(Path(image), source, out, manifest)
+
+
+def check_prompts(cfg: InferConfig, source: str, manifest: Any | None) -> None:
+    """Prompts, words and P2P/SPL options, with the offline CLIP tokenizer (+ the checkpoint's tokens);
+    the editor checks them again with the model's own tokenizer."""
+    from s2edit.editing import Placeholder, check_edit_inputs
+    from s2edit.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    tokens = manifest.tokens if manifest is not None else []
+    tokenizer.add_tokens([token.placeholder for token in tokens])
+    placeholders = [Placeholder(token.placeholder, None, token.prompt) for token in tokens]
+    options = edit_options(cfg)
+    check_edit_inputs(
+        tokenizer, placeholders, source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS}
+    )
+
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """diffusers warns on every `.to(dtype)` that "modules ... should be kept in float32: []" even when
+    the list is empty; that line is noise on a CLI whose refusals are one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"\W", "_", text).strip("_") or "token"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edit_options(cfg: InferConfig) -> dict[str, Any]:
+    """InferConfig → keyword arguments of `Editor.edit` (and of `Editor.check_inputs`)."""
+    spl = cfg.spl
+    return {
+        "mode": cfg.mode,
+        "cross_replace": cfg.cross_replace,
+        "cross_replace_words": cfg.cross_replace_words,
+        "self_replace": cfg.self_replace,
+        "reweight": cfg.reweight,
+        "blend_words": cfg.blend_words,
+        "blend_threshold": cfg.blend_threshold,
+        "blend_start": cfg.blend_start,
+        "spatial_control": cfg.spatial_control,
+        "structure": spl.structure,
+        "color": spl.color,
+        "structure_weight": spl.structure_weight,
+        "color_weight": spl.color_weight,
+        "iterations": spl.iterations,
+        "spl_lr": spl.lr,
+        "momentum": spl.momentum,
+        "opt_schedule": spl.opt_schedule,
+        "postprocess": spl.postprocess,
+        "radius": spl.radius,
+        "eps": spl.eps,
+        "area": spl.area,
+        "mask_words_source": spl.mask_words_source,
+        "mask_words_target": spl.mask_words_target,
+        "mask_threshold": spl.mask_threshold,
+        "mask_invert": spl.mask_invert,
+        "mask_radius": spl.mask_radius,
+        "mask_eps": spl.mask_eps,
+    }
+
+
+CHECKED_OPTIONS = (
+    "mode",
+    "cross_replace",
+    "cross_replace_words",
+    "self_replace",
+    "reweight",
+    "blend_words",
+    "blend_threshold",
+    "blend_start",
+    "iterations",
+    "opt_schedule",
+    "structure_weight",
+    "color_weight",
+    "area",
+    "mask_words_source",
+    "mask_words_target",
+    "mask_threshold",
+)
+
+
+def write_outputs(out: Path, result: Any, editor: Any) -> dict[str, Any]:
+    """Every image of the run, each written atomically; returns {kind: relative path(s)}."""
+    import torch.nn.functional as F
+
+    from spl.io import save_image, save_mask
+
+    files: dict[str, Any] = {
+        "source": "source.png",
+        "reconstruction": "reconstruction.png",
+        "edits": [],
+        "masks": {},
+        "attention": {},
+    }
+    save_image(result.source, out / files["source"])
+    save_image(result.reconstruction, out / files["reconstruction"])
+    for k in range(result.images.shape[0]):
+        name = f"edit_{k}.png"
+        save_image(result.images[k], out / name)
+        files["edits"].append(name)
+    size = tuple(result.source.shape[-2:])
+    masks = {f"object_{slug(p.text)}": p.mask for p in editor.placeholders if p.mask is not None}
+    masks.update(result.masks)
+    for name, mask in masks.items():
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
+        files["masks"][name] = f"masks/{name}.png"
+        save_mask(mask, out / files["masks"][name])
+    for row, maps in enumerate(result.attention_maps):
+        folder = "source" if row == 0 else f"target_{row - 1}"
+        for word, attention in maps.items():
+            upsampled = F.interpolate(attention[None, None].float(), size=size, mode="bilinear")[0, 0]
+            path = f"attention/{folder}/{slug(word)}.png"
+            files["attention"].setdefault(folder, {})[word] = path
+            save_mask(upsampled, out / path)
+    return files
+
+
+def main(argv: list[str]) -> None:
+    cfg: InferConfig = parse_config(
+        InferConfig, argv, CONFIG_DIR / "infer.yaml", prog="infer.py", description=__doc__.splitlines()[0]
+    )
+    start = time.perf_counter()
+
+    # 1. Check inputs (no model yet)
+    inputs = check_inputs(cfg)
+
+    # 2. Model (heavy imports here, so that refused inputs fail fast)
+    import diffusers
+    import torch
+    import transformers
+
+    from s2edit.editing import Editor
+    from spl.io import atomic_path
+
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
+
+    torch.manual_seed(cfg.seed)
+    load_start = time.perf_counter()
+    if cfg.ckpt is not None:
+        editor = Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision)
+    else:
+        editor = Editor.from_model(
+            cfg.model,
+            device=cfg.device,
+            precision=cfg.precision,
+            seed=cfg.seed,
+            cache_dir=inputs.out / "cache",
+        )
+    options = edit_options(cfg)
+    editor.check_inputs(inputs.source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS})
+    image = editor.load_image(inputs.image, cfg.resolution)
+    load_seconds = time.perf_counter() - load_start
+
+    # 3. Inversion (cached)
+    inversion_start = time.perf_counter()
+    inversion = editor.invert(
+        image,
+        inputs.source,
+        method=cfg.inversion,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        inner_steps=cfg.nti.inner_steps,
+        lr=cfg.nti.lr,
+        early_stop=cfg.nti.early_stop,
+        early_stop_growth=cfg.nti.early_stop_growth,
+        spatial_control=cfg.spatial_control,
+    )
+    inversion_seconds = time.perf_counter() - inversion_start
+    print(
+        f"inversion ({cfg.inversion}): {'cache hit' if inversion.cached else 'computed'} "
+        f"in {inversion_seconds:.1f} s",
+        file=sys.stderr,
+    )
+
+    # 4. Edit
+    result = editor.edit(inversion, cfg.target, **options)
+
+    # 5. Outputs, each written atomically; the report last
+    write_start = time.perf_counter()
+    files = write_outputs(inputs.out, result, editor)
+    timings = {
+        "load": load_seconds,
+        "inversion": inversion_seconds,
+        "edit": result.timings,
+        "write": time.perf_counter() - write_start,
+    }
+    metrics = dict(result.metrics)
+    for k, target in enumerate(metrics["targets"]):
+        target["file"] = files["edits"][k]
+    report = {
+        "command": ["infer.py", *argv],
+        "settings": dataclasses.asdict(cfg),
+        "seed": cfg.seed,
+        "model": {
+            "ckpt": cfg.ckpt,
+            "model": editor.sd.name,
+            "weights": editor.weights,
+            "placeholders": [p.text for p in editor.placeholders],
+            "device": str(editor.sd.device),
+            "dtype": str(editor.sd.dtype).removeprefix("torch."),
+        },
+        "image": {
+            "path": str(inputs.image),
+            "sha256": file_sha256(inputs.image),
+            "working_size": [int(image.shape[-1]), int(image.shape[-2])],
+        },
+        "source": inputs.source,
+        "targets": list(cfg.target),
+        "inversion": {
+            "method": inversion.method,
+            "cached": inversion.cached,
+            "key": inversion.key,
+            "cache_dir": str(editor.cache_dir) if editor.cache_dir else None,
+            "compute_seconds": inversion.seconds,
+            "steps": inversion.steps,
+            "guidance": inversion.guidance,
+            "updates": sum(inversion.inner_steps),
+            "final_loss": inversion.losses[-1] if inversion.losses else None,
+        },
+        "timings": timings,
+        "metrics": metrics,
+        "files": files,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    timings["total"] = time.perf_counter() - start
+    with atomic_path(inputs.out / REPORT) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(
+        f"wrote {len(files['edits'])} edit(s), masks, attention maps and {REPORT} to {inputs.out}/",
+        file=sys.stderr,
+    )
+    for k, target in enumerate(cfg.target):
+        print(f"  {inputs.out / files['edits'][k]}  ← '{target}'")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,276 @@
+"""`python infer.py` end to end on the tiny model: every output file, the inversion cache, and one-line
+refusals (exit code 2, no traceback, nothing written) for every input a user can get wrong.
+
+Runs go in-process through `run_main` (the same path as `__main__`); a few refusals also run as real
+subprocesses, each paying the interpreter's torch/diffusers imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import infer
+from s2edit.export import ExportManifest, ExportToken, base_model_probe, write_export
+from s2edit.models import load_stable_diffusion
+from s2edit.tokenizer import add_placeholder_token
+from spl.cli import run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = ROOT / "examples" / "chelsea.png"
+FAST = ["resolution=128", "steps=4", "nti.inner_steps=2", "spl.iterations=3"]
+TRAINING_FREE = ["model=tiny", f"image={IMAGE}", "source=a photo of a cat"]
+LONG = " ".join(["very"] * 80)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """infer.py in-process: (exit code, stderr)."""
+    try:
+        run_main(infer.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, stderr: str, fragment: str, out: Path) -> None:
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export folder as train.py writes it (tiny model, tokens [I] and [A]; no training needed)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    sd = load_stable_diffusion("tiny", seed=0)
+    probe = base_model_probe(sd)
+    sha = hashlib.sha256(IMAGE.read_bytes()).hexdigest()
+    tokens = []
+    for placeholder, prompt, word in (
+        ("[I]", "a photo of a [I] cat", "cat"),
+        ("[A]", "a photo of a cat with [A] stripes", "stripes"),
+    ):
+        token_id = add_placeholder_token(sd.tokenizer, sd.text_encoder, placeholder, word)
+        tokens.append(
+            ExportToken(
+                placeholder,
+                token_id,
+                prompt,
+                prompt.replace(f"{placeholder} ", ""),
+                word,
+                str(IMAGE),
+                sha,
+                "",
+            )
+        )
+    mask = torch.zeros(128, 128)
+    mask[24:104, 16:112] = 1.0
+    manifest = ExportManifest(
+        base_model="tiny", method="full", resolution=128, tokens=tokens, config={}, base_probe=probe
+    )
+    return write_export(tmp, sd, manifest, [mask, mask])
+
+
+def copy_export(export: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(export, tmp_path / "export", ignore=shutil.ignore_patterns("cache")))
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+def test_training_free_run_writes_every_output_and_caches_the_inversion(tmp_path, capsys) -> None:
+    out = tmp_path / "edit"
+    argv = [
+        *TRAINING_FREE,
+        "target=a photo of a tiger",
+        "target=a photo of a lion",
+        f"out={out}",
+        *FAST,
+        "spl.area=masked",
+        "spl.mask_words_source=[cat]",
+        "spl.mask_words_target=[photo]",
+        "blend_words=[cat, tiger, lion]",
+    ]
+    code, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    expected = {
+        "source.png",
+        "reconstruction.png",
+        "edit_0.png",
+        "edit_1.png",
+        "report.json",
+        "masks/source.png",
+        "masks/target_0.png",
+        "masks/target_1.png",
+        "masks/mask_0.png",
+        "masks/mask_1.png",
+    }
+    expected |= {f"attention/source/{w}.png" for w in ("a", "photo", "of", "cat")}
+    expected |= {f"attention/target_{k}/{w}.png" for k, w in ((0, "tiger"), (1, "lion"))}
+    written = {
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "cache" not in p.parts
+    }
+    assert expected <= written, expected - written
+    assert not [p for p in out.rglob("*.tmp")]  # atomic writes leave no temporaries
+    for name in ("source.png", "edit_0.png", "reconstruction.png"):
+        assert Image.open(out / name).size == (128, 128)
+
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        report["seed"] == 0
+        and report["settings"]["steps"] == 4
+        and report["targets"][1] == "a photo of a lion"
+    )
+    assert report["inversion"]["method"] == "null_text" and report["inversion"]["cached"] is False
+    assert set(report["timings"]) >= {"load", "inversion", "edit", "write", "total"}
+    assert set(report["timings"]["edit"]) >= {"denoise", "spl_in_loop", "decode", "postprocess"}
+    metrics = report["metrics"]
+    assert isinstance(metrics["reconstruction_psnr"], float)
+    assert [t["file"] for t in metrics["targets"]] == ["edit_0.png", "edit_1.png"]
+    assert all(t["spl_loss_after"] < t["spl_loss_before"] for t in metrics["targets"])
+    assert len(list((out / "cache").glob("inversion-*.safetensors"))) == 1
+
+    # the same image and prompt again: the inversion comes from the cache
+    code, stderr = run([*TRAINING_FREE, "target=a photo of a dog", f"out={out}", *FAST], capsys)
+    assert code == 0 and "cache hit" in stderr, stderr
+    assert json.loads((out / "report.json").read_text())["inversion"]["cached"] is True
+    # another image invalidates it
+    other = tmp_path / "other.png"
+    Image.open(IMAGE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    code, stderr = run(
+        [*TRAINING_FREE, f"image={other}", "target=a photo of a dog", f"out={out}", *FAST], capsys
+    )
+    assert code == 0 and "computed" in stderr, stderr
+    assert json.loads((out / "report.json").read_text())["inversion"]["cached"] is False
+    assert len(list((out / "cache").glob("inversion-*.safetensors"))) == 2
+
+
+def test_checkpoint_run_defaults_to_its_image_and_prompt_and_caches_beside_it(
+    export, tmp_path, capsys
+) -> None:
+    ckpt = copy_export(export, tmp_path)
+    out = tmp_path / "edit"
+    argv = [f"ckpt={ckpt}", "target=a photo of a [I] cat with [A] stripes", f"out={out}", *FAST]
+    code, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"] == "a photo of a [I] cat" and report["image"]["path"] == str(IMAGE)
+    assert report["model"]["placeholders"] == ["[I]", "[A]"]
+    assert report["inversion"]["cache_dir"] == str(ckpt / "cache")
+    assert (out / "masks" / "object_I.png").is_file() and (out / "attention" / "target_0" / "A.png").is_file()
+    assert len(list((ckpt / "cache").glob("inversion-*.json"))) == 1
+    code, stderr = run([*argv[:1], "target=a photo of a [I] cat in the snow", f"out={out}", *FAST], capsys)
+    assert code == 0 and "cache hit" in stderr, stderr
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["target=a photo of a dog", "spl.mask_words_source=[dog]"], "mask_words_source word 'dog'"),
+        (["target=a photo of a dog", "spl.mask_words_target=[cat]"], "mask_words_target word 'cat'"),
+        (["target=a photo of a dog", "blend_words=[tiger]"], "blend word 'tiger'"),
+        (["target=a photo of a fluffy dog", "mode=replace"], "use mode=refine"),
+        ([f"target=a photo of a {LONG} dog"], "more than the 77"),
+        (["target=a photo of a dog", "spl.area=masked"], "needs mask words"),
+        ([], "no target prompt"),
+        (["target=a photo of a dog", "image=nowhere.png"], "does not exist"),
+    ],
+)
+def test_refused_edit_inputs(args, fragment, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert_refused(*run([*TRAINING_FREE, *args, f"out={out}", *FAST], capsys), fragment, out)
+
+
+def corrupt_weights(ckpt: Path) -> None:
+    (ckpt / "unet.safetensors").write_bytes(b"\0" * 64)
+
+
+def wrong_base(ckpt: Path) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["base_probe"]["unet.conv_in.weight"] = [
+        v + 1.0 for v in manifest["base_probe"]["unet.conv_in.weight"]
+    ]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def no_tokens(ckpt: Path) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["tokens"] = []
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def pickled_weights(ckpt: Path) -> None:
+    (ckpt / "unet.safetensors").rename(ckpt / "unet.bin")
+
+
+CHECKPOINT_REFUSALS = {
+    "missing": (lambda ckpt: shutil.rmtree(ckpt), [], "does not exist"),
+    "corrupt": (corrupt_weights, [], "does not match its sha256"),
+    "wrong_base": (wrong_base, [], "differs from the one the export was trained on"),
+    "no_token": (no_tokens, [], "has no learned token"),
+    "pickle_weights": (pickled_weights, [], "pickle files are never loaded"),
+    "no_placeholder": (
+        lambda ckpt: None,
+        ["target=a photo of a cat with a hat"],
+        "does not contain the placeholder [I]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_REFUSALS))
+def test_refused_checkpoints(case, export, tmp_path, capsys) -> None:
+    ckpt = copy_export(export, tmp_path)
+    damage, args, fragment = CHECKPOINT_REFUSALS[case]
+    damage(ckpt)
+    out = tmp_path / "out"
+    argv = [f"ckpt={ckpt}", "target=a photo of a [I] cat with a hat", *args, f"out={out}", *FAST]
+    assert_refused(*run(argv, capsys), fragment, out)
+
+
+def test_refused_pickle_file_and_overwriting_the_input(tmp_path, capsys) -> None:
+    pickle = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, pickle)
+    out = tmp_path / "out"
+    code, stderr = run([f"ckpt={pickle}", "target=a photo of a [I] cat", f"out={out}", *FAST], capsys)
+    assert_refused(code, stderr, "is a pickle file", out)
+    out.mkdir()
+    source = out / "source.png"
+    shutil.copy(IMAGE, source)
+    code, stderr = run(
+        ["model=tiny", f"image={source}", "source=a photo of a cat", "target=a dog", f"out={out}"], capsys
+    )
+    assert code == 2 and "would overwrite the input image" in stderr, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["source.png"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            [*TRAINING_FREE, "target=a photo of a dog", "mode=replace", "target=a photo of a big dog"],
+            "use mode=refine",
+        ),
+        (["ckpt={ckpt}", "target=a photo of a cat"], "does not contain the placeholder [I]"),
+    ],
+)
+def test_refusals_as_real_subprocesses(args, fragment, export, tmp_path) -> None:
+    out = tmp_path / "out"
+    argv = [a.format(ckpt=export) for a in args] + [f"out={out}", *FAST]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert_refused(result.returncode, result.stderr, fragment, out)
