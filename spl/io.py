@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +36,13 @@ class InputError(ReportedError, ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    The writer creates the temporary file itself, so it gets the usual permissions (umask), not 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, path)

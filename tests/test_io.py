@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -186,6 +187,9 @@ def test_save_image_is_atomic_and_round_trips(tmp_path: Path) -> None:
     out = save_image(image, tmp_path / "sub" / "o.png")
     np.testing.assert_array_equal(np.asarray(Image.open(out)), rgb)
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.png"]  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not a private temp file
     with pytest.raises(InputError, match="no image extension"):
         save_image(image, tmp_path / "o.unknown")
     assert not list(tmp_path.glob("*.unknown*"))
