@@ -52,7 +52,7 @@ def check_inputs(cfg: InferConfig) -> Inputs:
         raise InputError('no target prompt: pass target="…" (repeat target=… for several edits)')
     for key, value, minimum in (
         ("steps", cfg.steps, 1),
-        ("resolution", cfg.resolution, 64),
+        ("resolution", 64 if cfg.resolution is None else cfg.resolution, 64),
         ("nti.inner_steps", cfg.nti.inner_steps, 0),
         ("spl.iterations", cfg.spl.iterations, 0),
     ):
@@ -248,7 +248,10 @@ def main(argv: list[str]) -> None:
         )
     options = edit_options(cfg)
     editor.check_inputs(inputs.source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS})
-    image = editor.load_image(inputs.image, cfg.resolution)
+    # the checkpoint's training size, else the model's native size (as train.py)
+    resolution = cfg.resolution or (inputs.manifest.resolution if inputs.manifest else None)
+    resolution = resolution or editor.sd.native_resolution
+    image = editor.load_image(inputs.image, resolution)
     load_seconds = time.perf_counter() - load_start
 
     # 3. Inversion (cached)

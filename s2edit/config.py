@@ -126,7 +126,11 @@ class InferConfig:
     source: str | None = _opt(None, "source prompt (default: the checkpoint's prompt)")
     target: list[str] = _opt([], "target prompt(s); repeat target=… for several edits in one batch")
     out: str = _opt("outputs/edit", "output folder")
-    resolution: int = _opt(512, "working size: area ≈ resolution², sides multiples of 64")
+    resolution: int | None = _opt(
+        None,
+        "working size (area ≈ resolution², sides multiples of 64); null: the checkpoint's training "
+        "resolution, else the model's native size (SD v1: 512, tiny: 256)",
+    )
     seed: int = _opt(0, "random seed")
     steps: int = _opt(50, "DDIM steps")
     guidance: float = _opt(7.5, "classifier-free guidance scale (3.5–5.5 balances fidelity and editability)")

@@ -78,6 +78,13 @@ class StableDiffusion:
         return self.vae.config.latent_channels
 
     @property
+    def native_resolution(self) -> int:
+        """The image size the UNet was trained at (diffusers' default height): sample_size × VAE factor."""
+        sample_size = self.unet.config.sample_size
+        side = sample_size if isinstance(sample_size, int) else max(sample_size)
+        return side * self.vae_scale_factor
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's factor × the UNet's down-sampling (64 for SD)."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)

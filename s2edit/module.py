@@ -126,7 +126,7 @@ class S2EditModule(L.LightningModule):
         self.attention_weight = config.spatial.loss_weight
         self.image_log_every = config.image_log_every
         self.base_model = config.model
-        self.resolution = config.resolution or native_resolution(self.sd)
+        self.resolution = config.resolution or self.sd.native_resolution
         self.num_train_timesteps = self.sd.scheduler.config.num_train_timesteps
         # One controller object routes every cross-attention layer for the whole fit (installed in
         # on_fit_start: gradient checkpointing re-runs the forward during backward, outside any step scope)
@@ -355,13 +355,6 @@ class S2EditModule(L.LightningModule):
             for tag, attention in (("placeholder", placeholder_map), ("object", object_map)):
                 attention = attention / attention.max().clamp_min(torch.finfo(attention.dtype).tiny)
                 writer.add_image(f"attention_{tag}/{name}", resize_mask(attention, image_size)[None], step)
-
-
-def native_resolution(sd: StableDiffusion) -> int:
-    """The image size the UNet was trained at (diffusers' default height): sample_size × VAE factor."""
-    sample_size = sd.unet.config.sample_size
-    side = sample_size if isinstance(sample_size, int) else max(sample_size)
-    return side * sd.vae_scale_factor
 
 
 def token_slug(placeholder: str) -> str:

@@ -167,6 +167,6 @@ def test_scripts_help_and_bad_key(script: str) -> None:
     help_run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_run.returncode == 0, help_run.stderr
     assert "usage:" in help_run.stdout and "  model " in help_run.stdout
-    bad = subprocess.run([sys.executable, script, "modle=tiny"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, script, "modell=tiny"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: unknown config key 'modle'; did you mean 'model'?"
+    assert bad.stderr.strip() == "error: unknown config key 'modell'; did you mean 'model'?"
