@@ -195,7 +195,7 @@ def main() -> None:
     )
     header = (
         "| preset | size | steps | null_text s | reference s | speed-up | max abs Δ∅ | same updates | "
-        "negative_prompt s | edit s | edit + SPL s |"
+        "negative_prompt s | edit s | edit + SPL s (in-loop steps) |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -205,7 +205,7 @@ def main() -> None:
             f"| {r['preset']} | {r['size']} | {r['steps']} | {r['null_text_s']:.2f} | "
             f"{r['reference_s']:.2f} | "
             f"{r['speedup']:.2f}× | {r['max_abs_diff']:.1e} | {r['same_updates']} | "
-            f"{r['negative_prompt_s']:.2f} | {r['edit_s']:.2f} | {r['edit_spl_s']:.2f} |",
+            f"{r['negative_prompt_s']:.2f} | {r['edit_s']:.2f} | {r['edit_spl_s']:.2f} ({r['spl_steps']}) |",
             flush=True,
         )
     if args.device.startswith("cuda") and args.resolution == 512:

@@ -419,12 +419,20 @@ class Editor:
         """:func:`check_edit_inputs` with this editor's tokenizer and placeholders."""
         return check_edit_inputs(self.tokenizer, self.placeholders, source, targets, num_steps, **options)
 
-    def _spatial_columns(self, prompts: Sequence[str], rows: Sequence[int]) -> list[ColumnMask]:
-        return [
-            ColumnMask(row, position, mask)
-            for prompt, row in zip(prompts, rows)
-            for position, mask in self.placeholder_masks(prompt)
-        ]
+    def _spatial_columns(self, prompts: Sequence[str], rows: Sequence[int], source: str) -> list[ColumnMask]:
+        """Spatial control of the placeholders of the SOURCE prompt, wherever they occur in the batch.
+
+        Their masks are drawn on the source image; a placeholder met only in targets (a compositional
+        [A]) was learned on a reference image, so its mask does not fit this layout and is not applied.
+        """
+        controlled = {p.text for p in self.placeholders_in(source) if p.mask is not None}
+        columns = []
+        for prompt, row in zip(prompts, rows):
+            for placeholder in self.placeholders_in(prompt):
+                if placeholder.text in controlled:
+                    positions = word_token_indices(self.tokenizer, prompt, placeholder.text)
+                    columns += [ColumnMask(row, position, placeholder.mask) for position in positions]
+        return columns
 
     def edit(
         self,
@@ -475,28 +483,26 @@ class Editor:
         # 1. Check inputs
         targets = list(targets)
         prompts = [inversion.prompt, *targets]
+        options = {
+            "mode": mode,
+            "cross_replace": cross_replace,
+            "cross_replace_words": cross_replace_words,
+            "self_replace": self_replace,
+            "reweight": reweight,
+            "blend_words": blend_words,
+            "blend_threshold": blend_threshold,
+            "blend_start": blend_start,
+            "iterations": iterations,
+            "opt_schedule": opt_schedule,
+            "structure_weight": structure_weight,
+            "color_weight": color_weight,
+            "area": area,
+            "mask_words_source": mask_words_source,
+            "mask_words_target": mask_words_target,
+            "mask_threshold": mask_threshold,
+        }
         p2p = check_edit_inputs(
-            self.tokenizer,
-            self.placeholders,
-            inversion.prompt,
-            targets,
-            inversion.steps,
-            mode,
-            cross_replace,
-            cross_replace_words,
-            self_replace,
-            reweight,
-            blend_words,
-            blend_threshold,
-            blend_start,
-            iterations,
-            opt_schedule,
-            structure_weight,
-            color_weight,
-            area,
-            mask_words_source,
-            mask_words_target,
-            mask_threshold,
+            self.tokenizer, self.placeholders, inversion.prompt, targets, inversion.steps, **options
         )
         n_rows, n_targets = len(prompts), len(targets)
         weights = {
@@ -520,9 +526,11 @@ class Editor:
         store = AttentionStore(levels=(MASK_LEVEL,))
         controllers = [p2p, store]
         if spatial_control:
-            columns = self._spatial_columns(prompts, [n_rows + r for r in range(n_rows)])
+            columns = self._spatial_columns(prompts, [n_rows + r for r in range(n_rows)], inversion.prompt)
             # ∅ = the source prompt itself (negative_prompt): its placeholder is controlled as in inversion
-            columns += self._spatial_columns([inversion.prompt] * len(null_rows), list(null_rows))
+            columns += self._spatial_columns(
+                [inversion.prompt] * len(null_rows), list(null_rows), inversion.prompt
+            )
             controllers.insert(0, SpatialControl(columns, self.renormalize))
         controller = ControllerChain(controllers)
         controller.conditional_rows = slice(n_rows, 2 * n_rows)  # batch = [uncond × (1 + n), cond × (1 + n)]
