@@ -6,7 +6,8 @@
         target="a photo of a tiger" target="a photo of a lion"                          # training-free
 
 Writes into `out=` (default outputs/edit): one `edit_<k>.png` per target, `source.png` (the preprocessed
-input), `reconstruction.png` (the inversion's), `masks/` and `attention/` PNGs and `report.json`. The
+input), `reconstruction.png` (the inversion's), `masks/` and `attention/` PNGs and `report.json`
+(images an earlier run into the same `out` wrote and this one does not are removed). The
 inversion is cached in `<ckpt>/cache/` (training-free: `<out>/cache/`) and reused by later edits of the
 same image and prompt. `python infer.py --help` lists every key.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import re
 import sys
 import time
@@ -107,14 +107,6 @@ def check_prompts(cfg: InferConfig, source: str, manifest: Any | None) -> None:
     check_edit_inputs(
         tokenizer, placeholders, source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS}
     )
-
-
-class _EmptyFloat32ListFilter(logging.Filter):
-    """diffusers warns on every `.to(dtype)` that "modules ... should be kept in float32: []" even when
-    the list is empty; that line is noise on a CLI whose refusals are one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
 
 
 def slug(text: str) -> str:
@@ -215,6 +207,40 @@ def write_outputs(out: Path, result: Any, editor: Any) -> dict[str, Any]:
     return files
 
 
+def listed_files(files: Any) -> set[str]:
+    """The relative paths in a report's "files" entry (nested lists and dicts of paths)."""
+    if isinstance(files, str):
+        return {files}
+    values = files.values() if isinstance(files, dict) else files if isinstance(files, list) else []
+    return set().union(*(listed_files(v) for v in values))
+
+
+def previous_outputs(out: Path) -> set[str]:
+    """Files the last run into `out` wrote, from its report (empty if there is none or it is unreadable)."""
+    try:
+        return listed_files(json.loads((out / REPORT).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def remove_stale(out: Path, previous: set[str], current: set[str], keep: Path) -> list[str]:
+    """Delete what the previous run wrote and this one did not (edit_4.png of a 5-target run, masks of
+    words no longer asked for), so `out` never mixes two runs: only PNG files inside `out`, never `keep`
+    (the input image); folders left empty go too."""
+    removed = []
+    root, keep = out.resolve(), keep.resolve()
+    for name in sorted(previous - current):
+        path = (out / name).resolve()
+        if path.is_relative_to(root) and path != keep and path.suffix == ".png" and path.is_file():
+            path.unlink()
+            removed.append(name)
+            for folder in path.parents:
+                if folder == root or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    return removed
+
+
 def main(argv: list[str]) -> None:
     cfg: InferConfig = parse_config(
         InferConfig, argv, CONFIG_DIR / "infer.yaml", prog="infer.py", description=__doc__.splitlines()[0]
@@ -232,8 +258,6 @@ def main(argv: list[str]) -> None:
     from s2edit.editing import Editor
     from spl.io import atomic_path
 
-    logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
-
     torch.manual_seed(cfg.seed)
     load_start = time.perf_counter()
     if cfg.ckpt is not None:
@@ -248,10 +272,8 @@ def main(argv: list[str]) -> None:
         )
     options = edit_options(cfg)
     editor.check_inputs(inputs.source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS})
-    # the checkpoint's training size, else the model's native size (as train.py)
-    resolution = cfg.resolution or (inputs.manifest.resolution if inputs.manifest else None)
-    resolution = resolution or editor.sd.native_resolution
-    image = editor.load_image(inputs.image, resolution)
+    # resolution=None: the checkpoint's training size, else the model's native size (as train.py)
+    image = editor.load_image(inputs.image, cfg.resolution)
     load_seconds = time.perf_counter() - load_start
 
     # 3. Inversion (cached)
@@ -280,7 +302,9 @@ def main(argv: list[str]) -> None:
 
     # 5. Outputs, each written atomically; the report last
     write_start = time.perf_counter()
+    previous = previous_outputs(inputs.out)
     files = write_outputs(inputs.out, result, editor)
+    stale = remove_stale(inputs.out, previous, listed_files(files), inputs.image)
     timings = {
         "load": load_seconds,
         "inversion": inversion_seconds,
@@ -329,6 +353,7 @@ def main(argv: list[str]) -> None:
             "transformers": transformers.__version__,
         },
     }
+    report["removed_stale_outputs"] = stale
     timings["total"] = time.perf_counter() - start
     with atomic_path(inputs.out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -257,6 +257,8 @@ class Editor:
         cache_dir: where inversions are cached (None: no cache).
         renormalize: renormalise attention rows after spatial control (as in fine-tuning).
         progress: show progress bars.
+        resolution: working size of images loaded from files (area ≈ resolution²); default: the model's
+            native size (:meth:`from_export`: the size the export was trained at).
     """
 
     def __init__(
@@ -267,8 +269,10 @@ class Editor:
         cache_dir: str | Path | None = None,
         renormalize: bool = False,
         progress: bool = True,
+        resolution: int | None = None,
     ) -> None:
         self.sd = sd
+        self.resolution = resolution or sd.native_resolution
         self.placeholders = list(placeholders)
         self.weights = weights or weights_fingerprint(sd.unet, sd.text_encoder, sd.vae)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -308,6 +312,7 @@ class Editor:
             cache_dir=Path(path) / "cache" if cache_dir is None else cache_dir,
             renormalize=renormalize,
             progress=progress,
+            resolution=manifest.resolution,
         )
 
     @classmethod
@@ -320,13 +325,14 @@ class Editor:
         seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool = True,
+        resolution: int | None = None,
     ) -> Editor:
         """Training-free editing with a base model (hub id, diffusers folder, 'tiny', 'sd-v1-random')."""
         torch_device = resolve_device(device)
         sd = load_stable_diffusion(
             model, device=torch_device, dtype=resolve_dtype(precision, torch_device), seed=seed
         )
-        return cls(sd, cache_dir=cache_dir, progress=progress)
+        return cls(sd, cache_dir=cache_dir, progress=progress, resolution=resolution)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -334,9 +340,10 @@ class Editor:
     def tokenizer(self) -> Any:
         return self.sd.tokenizer
 
-    def load_image(self, path: str | Path, resolution: int | None = 512) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1], sides multiples of what the model needs (64 for SD)."""
-        return load_image(path, resolution, multiple=self.sd.size_multiple)
+    def load_image(self, path: str | Path, resolution: int | None = None) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] with area ≈ `resolution`² (default: :attr:`resolution`), aspect ratio
+        kept, sides multiples of what the model needs (64 for SD)."""
+        return load_image(path, resolution or self.resolution, multiple=self.sd.size_multiple)
 
     def placeholders_in(self, prompt: str) -> list[Placeholder]:
         return placeholders_in(self.tokenizer, self.placeholders, prompt)
@@ -373,12 +380,13 @@ class Editor:
         early_stop: float = 1e-5,
         early_stop_growth: float = 2e-5,
         spatial_control: bool = True,
-        resolution: int | None = 512,
+        resolution: int | None = None,
     ) -> Inversion:
         """Invert an image (path or (1, 3, H, W) in [-1, 1]) under the source prompt P̃ (SPEC §3).
 
         Reuses the cache entry of an identical earlier call (`Inversion.cached`). With `spatial_control`
-        the placeholders of `prompt` are masked exactly as in the edit's source branch.
+        the placeholders of `prompt` are masked exactly as in the edit's source branch. A path is loaded
+        at `resolution` (default: :attr:`resolution`).
         """
         if method not in METHODS:
             raise InputError(f"inversion method '{method}' must be one of {', '.join(METHODS)}")

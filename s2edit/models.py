@@ -9,6 +9,7 @@ A model that cannot be found fails fast with one line saying what to pass instea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -34,6 +35,19 @@ HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 RANDOM_MODELS = {"tiny": "tiny", "sd-v1-random": "sd-v1"}  # model name → folder under configs/models
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
 LOAD_HINT = "pass a local diffusers folder (model=/path/to/stable-diffusion-v1-4) or model=tiny"
+
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """diffusers warns on every `.to(dtype)` that "modules ... should be kept in float32: []" even when
+    the list is empty; that line is noise (on a CLI whose refusals are one line, in every bf16 run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+_DIFFUSERS_MODELING_LOGGER = logging.getLogger("diffusers.models.modeling_utils")
+if not any(isinstance(f, _EmptyFloat32ListFilter) for f in _DIFFUSERS_MODELING_LOGGER.filters):
+    _DIFFUSERS_MODELING_LOGGER.addFilter(_EmptyFloat32ListFilter())
 
 # What a diffusers Stable Diffusion folder must hold: per component, alternatives of files (any one will do).
 REQUIRED_FILES: dict[str, tuple[tuple[str, ...], ...]] = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -180,3 +182,57 @@ def test_refusals_name_the_bad_value(identity_editor, editor) -> None:
         editor.check_inputs(SOURCE, ["a photo of a dog"], area="masked")
     with pytest.raises(InputError, match="opt_schedule"):
         editor.check_inputs(SOURCE, ["a photo of a dog"], opt_schedule=1.5)
+
+
+# ----------------------------------------------------------------------------------------- compositional
+
+
+@pytest.fixture(scope="module")
+def compositional_editor(make_export) -> Editor:
+    """An export with [I] (this image's subject) and [A] (an attribute, its mask drawn on another image)."""
+    identity, attribute = torch.zeros(2, RESOLUTION, RESOLUTION)
+    identity[32:96, 32:96] = 1.0
+    attribute[:, :40] = 1.0
+    tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a dog with [A] stripes", "stripes")]
+    ckpt = make_export(tame_tiny_model(), tokens, [identity, attribute], resolution=RESOLUTION)
+    return Editor.from_export(ckpt, device="cpu", progress=False)
+
+
+def test_editor_resolution_follows_the_export_else_the_native_size(compositional_editor, editor) -> None:
+    assert compositional_editor.resolution == RESOLUTION and editor.resolution == 256  # tiny: 32 × 8
+    assert compositional_editor.load_image(IMAGE).shape == load_image(IMAGE, RESOLUTION).shape
+    assert editor.load_image(IMAGE).shape == load_image(IMAGE, 256).shape != load_image(IMAGE, 128).shape
+
+
+def test_compositional_edit_controls_only_the_source_placeholder(compositional_editor) -> None:
+    editor = compositional_editor
+    assert [p.text for p in editor.placeholders] == ["[I]", "[A]"]
+    image = editor.load_image(IMAGE)
+    source, target = "a photo of a [I] cat", "a photo of a [I] cat with [A] stripes"
+    inversion = editor.invert(image, source, method="negative_prompt", steps=4)
+    result = editor.edit(inversion, [target], **NO_SPL)
+    assert (result.latents[1] - result.latents[0]).abs().max() > 1e-3
+    assert set(result.attention_maps[1]) >= {"[I]", "[A]", "stripes"}
+
+    def variant(index: int, mask: torch.Tensor) -> Editor:
+        placeholders = list(editor.placeholders)
+        placeholders[index] = replace(placeholders[index], mask=mask)
+        return Editor(editor.sd, placeholders, weights=editor.weights, progress=False)
+
+    # [A]'s mask belongs to its reference image: whatever it is, this edit does not use it ...
+    other_attribute = variant(1, torch.ones(RESOLUTION, RESOLUTION)).edit(inversion, [target], **NO_SPL)
+    assert torch.equal(other_attribute.latents, result.latents)
+    # ... while [I]'s mask controls the target row (the source row keeps the inversion's control)
+    other_identity = variant(0, torch.ones(RESOLUTION, RESOLUTION)).edit(inversion, [target], **NO_SPL)
+    assert (other_identity.latents[1] - result.latents[1]).abs().max() > 1e-4
+
+    # [A] is the export's embedding: initialised from "stripes", "[A] stripes" reads as "stripes stripes"
+    words = editor.edit(inversion, ["a photo of a [I] cat with stripes stripes"], **NO_SPL)
+    assert torch.allclose(words.latents, result.latents, atol=1e-5)
+
+
+def test_compositional_targets_need_the_source_placeholder_only(compositional_editor) -> None:
+    source = "a photo of a [I] cat"
+    compositional_editor.check_inputs(source, ["a photo of a [I] cat with [A] stripes", "a [I] cat in snow"])
+    with pytest.raises(InputError, match=r"does not contain the placeholder \[I\]"):
+        compositional_editor.check_inputs(source, ["a photo of a cat with [A] stripes"])

@@ -7,7 +7,6 @@ subprocesses, each paying the interpreter's torch/diffusers imports.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,9 +18,7 @@ import torch
 from PIL import Image
 
 import infer
-from s2edit.export import ExportManifest, ExportToken, base_model_probe, write_export
 from s2edit.models import load_stable_diffusion
-from s2edit.tokenizer import add_placeholder_token
 from spl.cli import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,36 +47,12 @@ def assert_refused(code: int, stderr: str, fragment: str, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def export(make_export) -> Path:
     """An export folder as train.py writes it (tiny model, tokens [I] and [A]; no training needed)."""
-    tmp = tmp_path_factory.mktemp("ckpt")
-    sd = load_stable_diffusion("tiny", seed=0)
-    probe = base_model_probe(sd)
-    sha = hashlib.sha256(IMAGE.read_bytes()).hexdigest()
-    tokens = []
-    for placeholder, prompt, word in (
-        ("[I]", "a photo of a [I] cat", "cat"),
-        ("[A]", "a photo of a cat with [A] stripes", "stripes"),
-    ):
-        token_id = add_placeholder_token(sd.tokenizer, sd.text_encoder, placeholder, word)
-        tokens.append(
-            ExportToken(
-                placeholder,
-                token_id,
-                prompt,
-                prompt.replace(f"{placeholder} ", ""),
-                word,
-                str(IMAGE),
-                sha,
-                "",
-            )
-        )
     mask = torch.zeros(128, 128)
     mask[24:104, 16:112] = 1.0
-    manifest = ExportManifest(
-        base_model="tiny", method="full", resolution=128, tokens=tokens, config={}, base_probe=probe
-    )
-    return write_export(tmp, sd, manifest, [mask, mask])
+    tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a cat with [A] stripes", "stripes")]
+    return make_export(load_stable_diffusion("tiny", seed=0), tokens, [mask, mask])
 
 
 def copy_export(export: Path, tmp_path: Path) -> Path:
@@ -144,7 +117,14 @@ def test_training_free_run_writes_every_output_and_caches_the_inversion(tmp_path
     # the same image and prompt again: the inversion comes from the cache
     code, stderr = run([*TRAINING_FREE, "target=a photo of a dog", f"out={out}", *FAST], capsys)
     assert code == 0 and "cache hit" in stderr, stderr
-    assert json.loads((out / "report.json").read_text())["inversion"]["cached"] is True
+    report = json.loads((out / "report.json").read_text())
+    assert report["inversion"]["cached"] is True
+    # what the first run wrote and this one did not is gone: out/ holds one run, not a mix
+    assert not (out / "edit_1.png").exists() and not (out / "masks").exists()
+    assert not (out / "attention" / "target_1").exists()
+    assert (out / "attention" / "target_0" / "dog.png").is_file()
+    stale = {"edit_1.png", "masks/mask_0.png", "attention/target_0/tiger.png"}
+    assert stale <= set(report["removed_stale_outputs"])
     # another image invalidates it
     other = tmp_path / "other.png"
     Image.open(IMAGE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
@@ -172,6 +152,20 @@ def test_checkpoint_run_defaults_to_its_image_and_prompt_and_caches_beside_it(
     assert len(list((ckpt / "cache").glob("inversion-*.json"))) == 1
     code, stderr = run([*argv[:1], "target=a photo of a [I] cat in the snow", f"out={out}", *FAST], capsys)
     assert code == 0 and "cache hit" in stderr, stderr
+
+
+def test_bfloat16_run(tmp_path, capsys) -> None:
+    out = tmp_path / "edit"
+    fast = ["resolution=128", "steps=3", "nti.inner_steps=1", "spl.iterations=3", "spl.opt_schedule=0.6"]
+    argv = [*TRAINING_FREE, "target=a photo of a tiger", "precision=bf16", f"out={out}", *fast]
+    code, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["dtype"] == "bfloat16" and report["inversion"]["updates"] >= 1
+    target = report["metrics"]["targets"][0]
+    assert [r["step"] for r in report["metrics"]["spl_in_loop"]] == [2]  # i/T >= 0.6 of 3 steps
+    assert target["spl_loss_after"] < target["spl_loss_before"]
+    assert Image.open(out / "edit_0.png").size == (128, 128)
 
 
 # ----------------------------------------------------------------------------------------- refusals
@@ -274,3 +268,17 @@ def test_refusals_as_real_subprocesses(args, fragment, export, tmp_path) -> None
         [sys.executable, str(ROOT / "infer.py"), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert_refused(result.returncode, result.stderr, fragment, out)
+
+
+def test_stale_outputs_are_removed_but_never_the_input_or_foreign_files(tmp_path) -> None:
+    out = tmp_path / "out"
+    for name in ("edit_0.png", "edit_1.png", "edit_2.png", "masks/a.png", "notes.txt", "mine.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    previous = {"edit_0.png", "edit_1.png", "edit_2.png", "masks/a.png", "notes.txt", "../outside.png"}
+    (tmp_path / "outside.png").write_bytes(b"x")
+    removed = infer.remove_stale(out, previous, {"edit_0.png"}, keep=out / "edit_1.png")
+    assert removed == ["edit_2.png", "masks/a.png"]
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert left == ["edit_0.png", "edit_1.png", "mine.png", "notes.txt"]  # masks/ emptied and removed
+    assert (tmp_path / "outside.png").is_file()

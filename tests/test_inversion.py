@@ -164,6 +164,21 @@ def test_float16_is_refused(image) -> None:
         invert(sd, image, PROMPT, "null_text", 2, GUIDANCE, inner_steps=1, progress=False)
 
 
+def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image) -> None:
+    """SPEC §3: bf16 weights, fp32 inversion math. Null-text still does its job at bf16's ~3 digits."""
+    bf16 = tame_tiny_model().to(dtype=torch.bfloat16)
+    steps, inner = 4, 3
+    errors = {}
+    for model in (sd, bf16):
+        for method in ("ddim", "null_text"):
+            options = {"inner_steps": inner, "lr": TINY_NTI_LR, "progress": False}
+            inversion = invert(model, image, PROMPT, method, steps, GUIDANCE, **options)
+            assert inversion.latents.dtype == inversion.null_embeddings.dtype == torch.float32
+            errors[model.dtype, method] = latent_error(model, inversion)
+    assert errors[torch.bfloat16, "null_text"] < 0.3 * errors[torch.bfloat16, "ddim"], errors
+    assert errors[torch.bfloat16, "null_text"] == pytest.approx(errors[torch.float32, "null_text"], rel=0.2)
+
+
 # ----------------------------------------------------------------------------------------- cache
 
 

@@ -1,6 +1,7 @@
 """Model loading: the tiny / random SD architectures, diffusers folders, offline failures, DDIM settings."""
 
 import json
+import logging
 import shutil
 
 import diffusers
@@ -249,3 +250,16 @@ def test_diffusers_folder_round_trip(tmp_path):
     plain = load_stable_diffusion(str(tmp_path))
     assert plain.tokenizer.model_max_length == 77
     assert plain.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
+
+
+def test_the_empty_float32_list_warning_of_diffusers_is_filtered() -> None:
+    import s2edit.models  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, None, None)
+
+    noise = "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting directly"
+    assert not logger.filter(record(noise))
+    assert logger.filter(record("There are modules in X that should be kept in float32: ['norm']"))
