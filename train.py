@@ -100,6 +100,9 @@ def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
 
     from s2edit.data import S2EditDataModule
     from s2edit.module import ResumeCheckpoint, S2EditModule
+    from s2edit.runtime import retain_freed_memory
+
+    retain_freed_memory()  # CPU runs: no page faults on every step's activations (s2edit/runtime.py)
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the data is cached tensors
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen VAE, on purpose

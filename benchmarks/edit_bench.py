@@ -1,16 +1,20 @@
 """Benchmark the editing stage: inversion (null_text vs negative_prompt), one edit, one edit with SPL.
 
     python benchmarks/edit_bench.py [--presets tiny sd-v1-random] [--resolution 256] [--steps 20 3]
-                                    [--inner-steps 10] [--spl-iterations 100] [--device cpu|cuda]
-                                    [--threads N] [--repeats 1]
+                                    [--inner-steps 10] [--early-stop 1e-5] [--spl-iterations 100]
+                                    [--device cpu|cuda] [--threads N] [--repeats 1] [--system-malloc]
 
 The null-text inversion of `s2edit.inversion` is compared, in the same run and on the same inputs, with
 `reference_null_text` below: the same algorithm (same early stop, same stored ∅_i, hence the same
 result) written the straightforward way, i.e. the whole classifier-free-guidance batch [∅, P̃] through
 the UNet (forward and backward) at every inner step, and a separate CFG pass to advance z̄. The fast
 version computes ε_c once per step without a graph, back-propagates only the ∅ row, and advances with
-the move it has just evaluated. The table reports seconds, the speed-up, UNet row evaluations and the
-largest difference between the two sets of ∅_i.
+the move it has just evaluated. The table reports seconds, the speed-up and the largest difference
+between the two sets of ∅_i. A second table measures single UNet passes (1 and 2 rows, forward and
+forward + backward to the text embedding) and the speed-up their costs predict (`pass_costs`): with
+random weights every saving is a 1-row pass run instead of a 2-row one, so this is what the hardware
+lets the fast version gain. `--early-stop` raises the NTI threshold to show the early-stopping
+regime that trained weights reach and random weights never do.
 
 Models are random (no downloads): their UNet output layer is damped ×0.1 (as in the tests) so that the
 DDIM trajectories are well conditioned and both implementations can be compared numerically; timing
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s2edit.inversion import DDIMSchedule, ddim_inversion, ddim_step, invert
 from s2edit.models import StableDiffusion, load_stable_diffusion
+from s2edit.runtime import retain_freed_memory
 from spl.io import load_image
 
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
@@ -134,6 +141,47 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
     return best, value
 
 
+def pass_costs(sd: StableDiffusion, image: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Seconds of one UNet pass with 1 and 2 rows, forward only and forward + backward to the text
+    embedding (frozen weights), at the image's latent size; and the NTI speed-up they predict.
+
+    Per denoising step with k Adam updates, the reference runs (k + 1) 2-row forwards with a graph, k
+    backwards and a 2-row advance; the fast version a 1-row ε_c forward, k 1-row forward+backward passes
+    and one 1-row forward. The ratio of those sums is what any implementation of this algorithm can gain
+    over the reference on this hardware: it is bounded by cost(2 rows) / cost(1 row).
+    """
+    latent = torch.zeros(1, sd.latent_channels, *(side // sd.vae_scale_factor for side in image.shape[-2:]))
+    t = torch.tensor(500, device=args.device)
+
+    def one_pass(rows: int, backward: bool) -> None:
+        z = latent.to(args.device).expand(rows, -1, -1, -1)
+        embeds = torch.randn(rows, 77, sd.text_encoder.config.hidden_size, device=args.device)
+        embeds.requires_grad_(backward)
+        with torch.set_grad_enabled(backward):
+            out = sd.unet(z, t, encoder_hidden_states=embeds).sample
+            if backward:
+                torch.autograd.grad(out.float().square().mean(), [embeds])
+
+    costs = {}
+    for rows in (1, 2):
+        for backward in (False, True):
+            one_pass(rows, backward)  # warm-up
+            # the median of 5: single CPU passes vary by ±25 % on a shared machine, the minimum is too kind
+            runs = [timed(partial(one_pass, rows, backward), args.device, 1)[0] for _ in range(5)]
+            costs[rows, backward] = statistics.median(runs)
+    k = args.inner_steps
+    reference = k * costs[2, True] + 2 * costs[2, False]
+    fast = k * costs[1, True] + 2 * costs[1, False]
+    return {
+        "f1": costs[1, False],
+        "f2": costs[2, False],
+        "fb1": costs[1, True],
+        "fb2": costs[2, True],
+        "predicted_all": reference / fast,
+        "predicted_stop0": 2 * costs[2, False] / (2 * costs[1, False]),
+    }
+
+
 def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
     from s2edit.editing import Editor
 
@@ -141,13 +189,13 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
     image = load_image(IMAGE, args.resolution, multiple=sd.size_multiple)
     row: dict = {"preset": preset, "size": f"{image.shape[-1]}x{image.shape[-2]}", "steps": steps}
 
+    nti = {"inner_steps": args.inner_steps, "early_stop": args.early_stop}
+
     def fast():
-        return invert(
-            sd, image, SOURCE, "null_text", steps, GUIDANCE, inner_steps=args.inner_steps, progress=False
-        )
+        return invert(sd, image, SOURCE, "null_text", steps, GUIDANCE, progress=False, **nti)
 
     def reference():
-        return reference_null_text(sd, image, SOURCE, steps, GUIDANCE, inner_steps=args.inner_steps)
+        return reference_null_text(sd, image, SOURCE, steps, GUIDANCE, **nti)
 
     row["null_text_s"], inversion = timed(fast, args.device, args.repeats)
     row["reference_s"], ref = timed(reference, args.device, args.repeats)
@@ -170,7 +218,14 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
         lambda: editor.edit(inversion, [TARGET], iterations=args.spl_iterations), args.device, args.repeats
     )
     row["spl_steps"] = len(result.metrics["spl_in_loop"])
+    row["costs"] = pass_costs(sd, image, args)
     return row
+
+
+def print_header(*columns: str) -> None:
+    """A Markdown table's header and separator lines."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
 
 
 def main() -> None:
@@ -179,11 +234,20 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[20, 3], help="DDIM steps, one per preset")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument(
+        "--early-stop", type=float, default=1e-5, help="NTI threshold ε (random weights never reach 1e-5)"
+    )
     parser.add_argument("--spl-iterations", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc returning freed memory to the OS (default: s2edit.runtime.retain_freed_memory)",
+    )
     args = parser.parse_args()
+    retained = False if args.system_malloc else retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = (args.steps * len(args.presets))[: len(args.presets)] if len(args.steps) == 1 else args.steps
@@ -191,22 +255,37 @@ def main() -> None:
     print(
         f"# edit_bench: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"device {args.device}, threads {torch.get_num_threads()}, inner steps ≤ {args.inner_steps}, "
-        f"guidance {GUIDANCE}, SPL iterations {args.spl_iterations}"
+        f"early stop {args.early_stop:g}, guidance {GUIDANCE}, SPL iterations {args.spl_iterations}, "
+        f"freed memory retained {retained}"
     )
-    header = (
-        "| preset | size | steps | null_text s | reference s | speed-up | max abs Δ∅ | same updates | "
-        "negative_prompt s | edit s | edit + SPL s (in-loop steps) |"
-    )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print_header(
+        "preset", "size", "steps", "null_text s", "reference s", "speed-up", "max abs Δ∅", "same updates",
+        "negative_prompt s", "edit s", "edit + SPL s (in-loop steps)",
+    )  # fmt: skip
+    rows = []
     for preset, n in zip(args.presets, steps):
         r = bench_preset(preset, n, args)
+        rows.append(r)
         print(
             f"| {r['preset']} | {r['size']} | {r['steps']} | {r['null_text_s']:.2f} | "
             f"{r['reference_s']:.2f} | "
             f"{r['speedup']:.2f}× | {r['max_abs_diff']:.1e} | {r['same_updates']} | "
             f"{r['negative_prompt_s']:.2f} | {r['edit_s']:.2f} | {r['edit_spl_s']:.2f} ({r['spl_steps']}) |",
             flush=True,
+        )
+    print(
+        "\nUNet pass costs (s) and the NTI speed-up they predict (see pass_costs): every step spending all "
+        f"{args.inner_steps} updates / every step stopping before its first update"
+    )
+    print_header(
+        "preset", "1-row fwd", "2-row fwd", "1-row fwd+bwd", "2-row fwd+bwd", "predicted (all)",
+        "predicted (stop 0)",
+    )  # fmt: skip
+    for r in rows:
+        c = r["costs"]
+        print(
+            f"| {r['preset']} | {c['f1']:.3f} | {c['f2']:.3f} | {c['fb1']:.3f} | {c['fb2']:.3f} | "
+            f"{c['predicted_all']:.2f}× | {c['predicted_stop0']:.2f}× |"
         )
     if args.device.startswith("cuda") and args.resolution == 512:
         print(

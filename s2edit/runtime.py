@@ -1,0 +1,39 @@
+"""Process-wide settings for runs on the CPU.
+
+PyTorch's CPU tensors come from the C allocator. glibc's malloc hands large freed blocks back to the
+operating system (``mmap``/``munmap`` above a threshold, heap trimming below it), so every UNet pass
+page-faults and zeroes its activations again: on 2 cores that is ~25 % of a full-size SD forward +
+backward (BENCHMARKS.md). :func:`retain_freed_memory` keeps freed memory in the process for reuse, as
+PyTorch's CUDA caching allocator does on the GPU. It is process-wide, so the scripts (`train.py`,
+`infer.py`, the benchmarks) call it; an application embedding the library decides for itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+NEVER = 2**31 - 1  # the largest value mallopt accepts: blocks of up to 2 GiB stay in the process
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse (no mmap for big blocks, no trimming); True if applied.
+
+    A no-op returning False where the C library is not glibc (macOS, Windows, musl). The process's
+    resident memory then stays at its peak until it exits.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
+    except (OSError, AttributeError, TypeError):
+        return False
+    del gnu_get_libc_version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, NEVER)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER))
