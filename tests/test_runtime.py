@@ -39,8 +39,8 @@ def test_freed_tensor_memory_stays_in_the_process() -> None:
     block = torch.ones(256 * MIB, dtype=torch.uint8)  # far above the default mmap threshold (≤ 32 MiB)
     during = heap()
     assert during.hblkhd == before.hblkhd  # not mmapped: taken from the heap
-    assert during.arena >= before.arena + 256 * MIB or during.uordblks >= before.uordblks + 256 * MIB
+    assert during.uordblks >= before.uordblks + 256 * MIB
     del block
     after = heap()
-    assert after.fordblks >= before.fordblks + 256 * MIB - MIB  # freed but kept for the next pass
-    assert after.arena >= during.arena  # no trimming
+    assert after.fordblks >= 256 * MIB  # freed but kept in the heap for the next pass ...
+    assert after.arena >= during.arena  # ... which is not trimmed
