@@ -9,7 +9,6 @@ import torch
 
 from s2edit.editing import Editor, Placeholder, prompt_words
 from s2edit.inversion import reconstruct
-from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.tokenizer import add_placeholder_token
 from spl.io import InputError, load_image
 
@@ -18,19 +17,11 @@ SOURCE = "a photo of a cat"
 RESOLUTION = 128
 STEPS = 10
 NO_SPL = {"structure": False, "postprocess": False}
-OUTPUT_DAMPING = 0.1  # well-conditioned DDIM trajectories on a random UNet (see tests/test_inversion.py)
-
-
-def tame_tiny_model() -> StableDiffusion:
-    sd = load_stable_diffusion("tiny", seed=0)
-    with torch.no_grad():
-        sd.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
-        sd.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
-    return sd
 
 
 @pytest.fixture(scope="module")
-def editor() -> Editor:
+def editor(tame_tiny_model) -> Editor:
+    """The tiny model, UNet output damped (conftest.py: well-conditioned DDIM trajectories)."""
     return Editor(tame_tiny_model(), weights="tiny-damped", progress=False)
 
 
@@ -140,7 +131,7 @@ def test_masked_area_masks_follow_spec_6(editor, inversion) -> None:
 
 
 @pytest.fixture(scope="module")
-def identity_editor() -> Editor:
+def identity_editor(tame_tiny_model) -> Editor:
     sd = tame_tiny_model()
     add_placeholder_token(sd.tokenizer, sd.text_encoder, "[I]", "cat")
     mask = torch.zeros(RESOLUTION, RESOLUTION)
@@ -188,7 +179,7 @@ def test_refusals_name_the_bad_value(identity_editor, editor) -> None:
 
 
 @pytest.fixture(scope="module")
-def compositional_editor(make_export) -> Editor:
+def compositional_editor(make_export, tame_tiny_model) -> Editor:
     """An export with [I] (this image's subject) and [A] (an attribute, its mask drawn on another image)."""
     identity, attribute = torch.zeros(2, RESOLUTION, RESOLUTION)
     identity[32:96, 32:96] = 1.0

@@ -30,21 +30,9 @@ PROMPT = "a photo of a cat"
 RESOLUTION = 128
 STEPS = 10
 GUIDANCE = 7.5
-# A random UNet's ε̂ is ~10-Lipschitz in z (a trained one is ~1): its DDIM trajectories are chaotic, and
-# float32 rounding differences between batch layouts grow ~20× per step. Damping the output layer makes
-# ε̂ smooth like a trained model's, so reconstruction errors measure the algorithm, not the chaos.
-OUTPUT_DAMPING = 0.1
 # The random tiny text encoder puts "" and the prompt O(1) apart per dimension and ∅ moves ε̂ weakly,
 # so Adam at the paper's 1e-2 barely moves it in 10 steps; the algorithm is the same at a larger lr.
 TINY_NTI_LR = 0.1
-
-
-def tame_tiny_model() -> StableDiffusion:
-    sd = load_stable_diffusion("tiny", seed=0)
-    with torch.no_grad():
-        sd.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
-        sd.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
-    return sd
 
 
 def load_bench():
@@ -57,7 +45,8 @@ def load_bench():
 
 
 @pytest.fixture(scope="module")
-def sd() -> StableDiffusion:
+def sd(tame_tiny_model) -> StableDiffusion:
+    """The tiny model, UNet output damped (conftest.py: well-conditioned DDIM trajectories)."""
     return tame_tiny_model()
 
 
@@ -164,7 +153,7 @@ def test_float16_is_refused(image) -> None:
         invert(sd, image, PROMPT, "null_text", 2, GUIDANCE, inner_steps=1, progress=False)
 
 
-def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image) -> None:
+def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image, tame_tiny_model) -> None:
     """SPEC §3: bf16 weights, fp32 inversion math. Null-text still does its job at bf16's ~3 digits."""
     bf16 = tame_tiny_model().to(dtype=torch.bfloat16)
     steps, inner = 4, 3
