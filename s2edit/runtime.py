@@ -24,16 +24,14 @@ NEVER = 2**31 - 1  # the largest value mallopt accepts: blocks of up to 2 GiB st
 def retain_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (no mmap for big blocks, no trimming); True if applied.
 
-    A no-op returning False where the C library is not glibc (macOS, Windows, musl). The process's
-    resident memory then stays at its peak until it exits.
+    Once applied, the process's resident memory stays at its peak until it exits. Where the C library
+    is not glibc (macOS, Windows, musl) this is a no-op returning False.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
-    except (OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
         return False
-    del gnu_get_libc_version
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, NEVER)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER))
+    if not hasattr(libc, "gnu_get_libc_version"):  # the mallopt parameters below are glibc's
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, NEVER)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER))
