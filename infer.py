@@ -256,6 +256,7 @@ def main(argv: list[str]) -> None:
     import transformers
 
     from s2edit.editing import Editor
+    from s2edit.inversion import NullTextSettings
     from s2edit.runtime import retain_freed_memory
     from spl.io import atomic_path
 
@@ -287,10 +288,7 @@ def main(argv: list[str]) -> None:
         method=cfg.inversion,
         steps=cfg.steps,
         guidance=cfg.guidance,
-        inner_steps=cfg.nti.inner_steps,
-        lr=cfg.nti.lr,
-        early_stop=cfg.nti.early_stop,
-        early_stop_growth=cfg.nti.early_stop_growth,
+        nti=NullTextSettings(cfg.nti.inner_steps, cfg.nti.lr, cfg.nti.early_stop, cfg.nti.early_stop_growth),
         spatial_control=cfg.spatial_control,
     )
     inversion_seconds = time.perf_counter() - inversion_start

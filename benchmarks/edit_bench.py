@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from s2edit.inversion import DDIMSchedule, ddim_inversion, ddim_step, invert
+from s2edit.inversion import DEFAULT_NTI, DDIMSchedule, NullTextSettings, ddim_inversion, ddim_step, invert
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.runtime import retain_freed_memory
 from spl.io import load_image
@@ -68,10 +68,7 @@ def reference_null_text(
     prompt: str,
     steps: int,
     guidance: float,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
-    early_stop_growth: float = 2e-5,
+    nti: NullTextSettings = DEFAULT_NTI,
 ) -> ReferenceResult:
     """Null-text inversion as one would first write it: the full CFG batch at every inner step."""
     with torch.no_grad():
@@ -98,10 +95,10 @@ def reference_null_text(
             float(schedule.alphas_prev[i]),
         )
         null = null.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh leaf
-        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
-        for update in range(inner_steps + 1):
+        optimizer = torch.optim.Adam([null], lr=nti.lr * (1.0 - i / 100.0))
+        for update in range(nti.inner_steps + 1):
             loss = F.mse_loss(ddim_step(z, guided(z, t, null), alpha, alpha_prev), latents[n - 1 - i : n - i])
-            if update == inner_steps or loss.item() < early_stop + i * early_stop_growth:
+            if update == nti.inner_steps or loss.item() < nti.early_stop + i * nti.early_stop_growth:
                 break
             optimizer.zero_grad()
             loss.backward()
@@ -189,13 +186,13 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
     image = load_image(IMAGE, args.resolution, multiple=sd.size_multiple)
     row: dict = {"preset": preset, "size": f"{image.shape[-1]}x{image.shape[-2]}", "steps": steps}
 
-    nti = {"inner_steps": args.inner_steps, "early_stop": args.early_stop}
+    nti = NullTextSettings(inner_steps=args.inner_steps, early_stop=args.early_stop)
 
     def fast():
-        return invert(sd, image, SOURCE, "null_text", steps, GUIDANCE, progress=False, **nti)
+        return invert(sd, image, SOURCE, "null_text", steps, GUIDANCE, nti, progress=False)
 
     def reference():
-        return reference_null_text(sd, image, SOURCE, steps, GUIDANCE, **nti)
+        return reference_null_text(sd, image, SOURCE, steps, GUIDANCE, nti)
 
     row["null_text_s"], inversion = timed(fast, args.device, args.repeats)
     row["reference_s"], ref = timed(reference, args.device, args.repeats)

@@ -17,6 +17,7 @@ from typing import Any
 _EXPORTS = {
     "Editor": "s2edit.editing",
     "EditResult": "s2edit.editing",
+    "NullTextSettings": "s2edit.inversion",
     "S2EditModule": "s2edit.module",
     "S2EditDataModule": "s2edit.data",
     "load_export": "s2edit.export",

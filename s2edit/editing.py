@@ -38,9 +38,11 @@ from tqdm.auto import tqdm
 from s2edit.attention import AttentionStore, ColumnMask, ControllerChain, SpatialControl, controlled_attention
 from s2edit.export import load_export
 from s2edit.inversion import (
+    DEFAULT_NTI,
     METHODS,
     DDIMSchedule,
     Inversion,
+    NullTextSettings,
     PlaceholderMask,
     guided_noise,
     load_or_invert,
@@ -375,10 +377,7 @@ class Editor:
         method: str = "null_text",
         steps: int = 50,
         guidance: float = 7.5,
-        inner_steps: int = 10,
-        lr: float = 1e-2,
-        early_stop: float = 1e-5,
-        early_stop_growth: float = 2e-5,
+        nti: NullTextSettings = DEFAULT_NTI,
         spatial_control: bool = True,
         resolution: int | None = None,
     ) -> Inversion:
@@ -390,8 +389,8 @@ class Editor:
         """
         if method not in METHODS:
             raise InputError(f"inversion method '{method}' must be one of {', '.join(METHODS)}")
-        if steps < 1 or inner_steps < 0:
-            raise InputError(f"steps={steps} must be >= 1 and nti inner_steps={inner_steps} >= 0")
+        if steps < 1:
+            raise InputError(f"steps={steps} must be >= 1")
         token_ids(self.tokenizer, prompt)
         if not isinstance(image, torch.Tensor):
             image = self.load_image(image, resolution)
@@ -410,10 +409,7 @@ class Editor:
             method,
             steps,
             guidance,
-            inner_steps,
-            lr,
-            early_stop,
-            early_stop_growth,
+            nti,
             self.placeholder_masks(prompt) if spatial_control else (),
             self.renormalize,
             self.progress,

@@ -24,7 +24,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from s2edit.attention import ColumnMask, SpatialControl, controlled_attention, cross_attention_layers
-from spl.io import atomic_path
+from spl.io import InputError, atomic_path
 
 METHODS = ("null_text", "negative_prompt", "ddim")
 CACHE_FORMAT = "s2edit-inversion"
@@ -175,6 +175,24 @@ def ddim_inversion(
     return torch.cat(latents)
 
 
+@dataclass(frozen=True)
+class NullTextSettings:
+    """Null-text optimisation settings (SPEC §3): at most `inner_steps` Adam updates of ∅ per denoising
+    step, learning rate lr·(1 − i/100), early stop once a loss is < early_stop + i·early_stop_growth."""
+
+    inner_steps: int = 10
+    lr: float = 1e-2
+    early_stop: float = 1e-5
+    early_stop_growth: float = 2e-5
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0:
+            raise InputError(f"nti inner_steps={self.inner_steps} must be >= 0")
+
+
+DEFAULT_NTI = NullTextSettings()  # SPEC §3 defaults
+
+
 @dataclass
 class NullTextResult:
     null_embeddings: torch.Tensor  # (N, L, D) float32: ∅_i for denoising step i
@@ -190,10 +208,7 @@ def null_text_optimization(
     null_embeds: torch.Tensor,
     schedule: DDIMSchedule,
     guidance: float = 7.5,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
-    early_stop_growth: float = 2e-5,
+    nti: NullTextSettings = DEFAULT_NTI,
     placeholder_masks: Sequence[PlaceholderMask] = (),
     renormalize: bool = False,
     progress: bool = True,
@@ -201,9 +216,9 @@ def null_text_optimization(
     """Per-step optimisation of the null embedding (Null-text Inversion; SPEC §3).
 
     For denoising step i (t from noisy to clean), starting from the previous step's ∅ (step 0: the
-    embedding of ""): Adam with lr·(1 − i/100), at most `inner_steps` updates of ∅ on
+    embedding of ""): Adam with nti.lr·(1 − i/100), at most `nti.inner_steps` updates of ∅ on
     MSE(DDIM_step(ε_∅ + w(ε_c − ε_∅), t, z̄_t), z_{t−1}), stopping as soon as an evaluated loss is
-    < early_stop + i·early_stop_growth. ∅_i is the last EVALUATED embedding (the one that met the
+    < nti.early_stop + i·nti.early_stop_growth. ∅_i is the last EVALUATED embedding (the one that met the
     threshold, or the one after the last update), so z̄ advances with exactly the move whose loss is
     reported, and that move is reused rather than recomputed.
 
@@ -232,10 +247,10 @@ def null_text_optimization(
         result.unet_calls += 1
 
         null = null.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh leaf
-        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
-        threshold = early_stop + i * early_stop_growth
-        for update in range(inner_steps + 1):
-            last = update == inner_steps  # budget spent: evaluate the final ∅ without a graph
+        optimizer = torch.optim.Adam([null], lr=nti.lr * (1.0 - i / 100.0))
+        threshold = nti.early_stop + i * nti.early_stop_growth
+        for update in range(nti.inner_steps + 1):
+            last = update == nti.inner_steps  # budget spent: evaluate the final ∅ without a graph
             with torch.set_grad_enabled(not last):
                 eps_uncond = predict_noise(unet, z, t, null, alpha, kind)
                 z_prev = ddim_step(z, guided_noise(eps_uncond, eps_cond, guidance), alpha, alpha_prev)
@@ -292,10 +307,7 @@ def invert(
     method: str = "null_text",
     steps: int = 50,
     guidance: float = 7.5,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
-    early_stop_growth: float = 2e-5,
+    nti: NullTextSettings = DEFAULT_NTI,
     placeholder_masks: Sequence[PlaceholderMask] = (),
     renormalize: bool = False,
     progress: bool = True,
@@ -308,8 +320,8 @@ def invert(
     # 1. Check inputs
     if method not in METHODS:
         raise ValueError(f"inversion method must be one of {', '.join(METHODS)}; got '{method}'")
-    if steps < 1 or inner_steps < 0:
-        raise ValueError(f"steps must be >= 1 and inner_steps >= 0; got {steps}, {inner_steps}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
     start = time.perf_counter()
 
     # 2. Encode image and prompts
@@ -334,10 +346,7 @@ def invert(
             empty,
             schedule,
             guidance,
-            inner_steps,
-            lr,
-            early_stop,
-            early_stop_growth,
+            nti,
             placeholder_masks,
             renormalize,
             progress,
@@ -441,10 +450,7 @@ def inversion_key(
     guidance: float,
     weights: str,
     dtype: torch.dtype,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
-    early_stop_growth: float = 2e-5,
+    nti: NullTextSettings = DEFAULT_NTI,
     placeholder_masks: Sequence[PlaceholderMask] = (),
     renormalize: bool = False,
     scheduler_config: dict | None = None,
@@ -480,12 +486,7 @@ def inversion_key(
         else None,
     }
     if method == "null_text":
-        key["nti"] = {
-            "inner_steps": inner_steps,
-            "lr": lr,
-            "early_stop": early_stop,
-            "early_stop_growth": early_stop_growth,
-        }
+        key["nti"] = asdict(nti)
     return key
 
 
@@ -570,10 +571,7 @@ def load_or_invert(
     method: str = "null_text",
     steps: int = 50,
     guidance: float = 7.5,
-    inner_steps: int = 10,
-    lr: float = 1e-2,
-    early_stop: float = 1e-5,
-    early_stop_growth: float = 2e-5,
+    nti: NullTextSettings = DEFAULT_NTI,
     placeholder_masks: Sequence[PlaceholderMask] = (),
     renormalize: bool = False,
     progress: bool = True,
@@ -591,10 +589,7 @@ def load_or_invert(
         guidance,
         weights,
         next(sd.unet.parameters()).dtype,
-        inner_steps,
-        lr,
-        early_stop,
-        early_stop_growth,
+        nti,
         placeholder_masks,
         renormalize,
         dict(sd.scheduler.config),
@@ -604,19 +599,7 @@ def load_or_invert(
         if cached is not None:
             return cached
     inversion = invert(
-        sd,
-        image,
-        prompt,
-        method,
-        steps,
-        guidance,
-        inner_steps,
-        lr,
-        early_stop,
-        early_stop_growth,
-        placeholder_masks,
-        renormalize,
-        progress,
+        sd, image, prompt, method, steps, guidance, nti, placeholder_masks, renormalize, progress
     )
     inversion.key = key_digest(key)
     if cache_dir is not None:

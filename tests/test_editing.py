@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from s2edit.editing import Editor, Placeholder, prompt_words
-from s2edit.inversion import reconstruct
+from s2edit.inversion import NullTextSettings, reconstruct
 from s2edit.tokenizer import add_placeholder_token
 from spl.io import InputError, load_image
 
@@ -32,7 +32,8 @@ def image(editor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def inversion(editor, image):
-    return editor.invert(image, SOURCE, method="null_text", steps=STEPS, inner_steps=2, lr=0.1)
+    nti = NullTextSettings(inner_steps=2, lr=0.1)
+    return editor.invert(image, SOURCE, method="null_text", steps=STEPS, nti=nti)
 
 
 @pytest.fixture(scope="module")

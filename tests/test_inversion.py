@@ -12,6 +12,7 @@ import torch
 
 from s2edit.inversion import (
     DDIMSchedule,
+    NullTextSettings,
     cache_paths,
     ddim_step,
     inversion_key,
@@ -22,7 +23,7 @@ from s2edit.inversion import (
     to_epsilon,
 )
 from s2edit.models import StableDiffusion, load_stable_diffusion
-from spl.io import load_image
+from spl.io import InputError, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
@@ -58,10 +59,9 @@ def image() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def inversions(sd, image) -> dict:
     """One inversion per method (shared: the NTI run is the slow part of this file)."""
+    nti = NullTextSettings(inner_steps=10, lr=TINY_NTI_LR)
     return {
-        method: invert(
-            sd, image, PROMPT, method, STEPS, GUIDANCE, inner_steps=10, lr=TINY_NTI_LR, progress=False
-        )
+        method: invert(sd, image, PROMPT, method, STEPS, GUIDANCE, nti, progress=False)
         for method in ("ddim", "negative_prompt", "null_text")
     }
 
@@ -122,9 +122,8 @@ def test_inversion_shapes_and_unconditional_embeddings(sd, inversions) -> None:
 
 
 def test_early_stop_keeps_the_initial_embedding(sd, image) -> None:
-    inversion = invert(
-        sd, image, PROMPT, "null_text", 3, GUIDANCE, inner_steps=5, early_stop=1e3, progress=False
-    )
+    nti = NullTextSettings(inner_steps=5, early_stop=1e3)
+    inversion = invert(sd, image, PROMPT, "null_text", 3, GUIDANCE, nti, progress=False)
     assert inversion.inner_steps == [0, 0, 0]  # the first evaluation already meets the threshold
     with torch.no_grad():
         empty = sd.encode_prompt([""])
@@ -133,13 +132,9 @@ def test_early_stop_keeps_the_initial_embedding(sd, image) -> None:
 
 def test_fast_null_text_equals_the_straightforward_reference(sd, image) -> None:
     bench = load_bench()
-    steps, inner = 4, 3
-    fast = invert(
-        sd, image, PROMPT, "null_text", steps, GUIDANCE, inner_steps=inner, lr=TINY_NTI_LR, progress=False
-    )
-    reference = bench.reference_null_text(
-        sd, image, PROMPT, steps, GUIDANCE, inner_steps=inner, lr=TINY_NTI_LR
-    )
+    steps, nti = 4, NullTextSettings(inner_steps=3, lr=TINY_NTI_LR)
+    fast = invert(sd, image, PROMPT, "null_text", steps, GUIDANCE, nti, progress=False)
+    reference = bench.reference_null_text(sd, image, PROMPT, steps, GUIDANCE, nti)
     # equal up to float32 rounding (Adam divides by √v: where a gradient is ~0 rounding shows most)
     difference = (fast.null_embeddings - reference.null_embeddings).abs()
     assert float(difference.mean()) < 1e-5 and float(difference.max()) < 1e-3, difference.max()
@@ -147,21 +142,25 @@ def test_fast_null_text_equals_the_straightforward_reference(sd, image) -> None:
     assert fast.losses == pytest.approx(reference.losses, rel=1e-3)
 
 
+def test_negative_inner_steps_are_refused() -> None:
+    with pytest.raises(InputError, match="nti inner_steps=-1 must be >= 0"):
+        NullTextSettings(inner_steps=-1)
+
+
 def test_float16_is_refused(image) -> None:
     sd = load_stable_diffusion("tiny", dtype=torch.float16)
     with pytest.raises(ValueError, match="float16"):
-        invert(sd, image, PROMPT, "null_text", 2, GUIDANCE, inner_steps=1, progress=False)
+        invert(sd, image, PROMPT, "null_text", 2, GUIDANCE, NullTextSettings(inner_steps=1), progress=False)
 
 
 def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image, tame_tiny_model) -> None:
     """SPEC §3: bf16 weights, fp32 inversion math. Null-text still does its job at bf16's ~3 digits."""
     bf16 = tame_tiny_model().to(dtype=torch.bfloat16)
-    steps, inner = 4, 3
+    steps, nti = 4, NullTextSettings(inner_steps=3, lr=TINY_NTI_LR)
     errors = {}
     for model in (sd, bf16):
         for method in ("ddim", "null_text"):
-            options = {"inner_steps": inner, "lr": TINY_NTI_LR, "progress": False}
-            inversion = invert(model, image, PROMPT, method, steps, GUIDANCE, **options)
+            inversion = invert(model, image, PROMPT, method, steps, GUIDANCE, nti, progress=False)
             assert inversion.latents.dtype == inversion.null_embeddings.dtype == torch.float32
             errors[model.dtype, method] = latent_error(model, inversion)
     assert errors[torch.bfloat16, "null_text"] < 0.3 * errors[torch.bfloat16, "ddim"], errors
@@ -172,9 +171,11 @@ def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image, tame_tin
 
 
 def test_cache_hit_miss_and_invalidation(sd, image, tmp_path) -> None:
+    nti = NullTextSettings(inner_steps=2)
+
     def run(img=image, prompt=PROMPT, steps=3, guidance=GUIDANCE, weights="w1"):
         return load_or_invert(
-            sd, img, prompt, tmp_path, weights, "null_text", steps, guidance, inner_steps=2, progress=False
+            sd, img, prompt, tmp_path, weights, "null_text", steps, guidance, nti, progress=False
         )
 
     first = run()
@@ -201,7 +202,7 @@ def test_cache_hit_miss_and_invalidation(sd, image, tmp_path) -> None:
         GUIDANCE,
         "w1",
         torch.float32,
-        inner_steps=2,
+        nti,
         scheduler_config=dict(sd.scheduler.config),
     )
     tensors, record = cache_paths(tmp_path, key)
