@@ -15,19 +15,18 @@ same image and prompt. `python infer.py --help` lists every key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from editkit.config import parse_config, run_main
+from editkit.errors import InputError
+from editkit.files import PICKLE_SUFFIXES, file_sha256, slug
+from editkit.images import read_image
 from s2edit.config import CONFIG_DIR, InferConfig
-from spl.cli import parse_config, run_main
-from spl.io import InputError, read_image
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 REPORT = "report.json"
 
 
@@ -109,14 +108,6 @@ def check_prompts(cfg: InferConfig, source: str, manifest: Any | None) -> None:
     )
 
 
-def slug(text: str) -> str:
-    return re.sub(r"\W", "_", text).strip("_") or "token"
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def edit_options(cfg: InferConfig) -> dict[str, Any]:
     """InferConfig → keyword arguments of `Editor.edit` (and of `Editor.check_inputs`)."""
     spl = cfg.spl
@@ -175,7 +166,7 @@ def write_outputs(out: Path, result: Any, editor: Any) -> dict[str, Any]:
     """Every image of the run, each written atomically; returns {kind: relative path(s)}."""
     import torch.nn.functional as F
 
-    from spl.io import save_image, save_mask
+    from editkit.images import save_image, save_mask
 
     files: dict[str, Any] = {
         "source": "source.png",
@@ -255,10 +246,10 @@ def main(argv: list[str]) -> None:
     import torch
     import transformers
 
+    from editkit.files import atomic_path
     from s2edit.editing import Editor
     from s2edit.inversion import NullTextSettings
     from s2edit.runtime import retain_freed_memory
-    from spl.io import atomic_path
 
     retain_freed_memory()  # CPU runs: no page faults on every UNet pass's activations (s2edit/runtime.py)
 

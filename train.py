@@ -16,11 +16,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from editkit.config import parse_config, run_main
+from editkit.errors import InputError
 from s2edit.config import CONFIG_DIR, TrainConfig
 from s2edit.pairs import TrainingPair, check_pair
 from s2edit.tokenizer import clip_tokenizer
-from spl.cli import parse_config, run_main
-from spl.io import InputError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from editkit.images import load_image
 from s2edit.inversion import DEFAULT_NTI, DDIMSchedule, NullTextSettings, ddim_inversion, ddim_step, invert
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.runtime import retain_freed_memory
-from spl.io import load_image
 
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
 SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"

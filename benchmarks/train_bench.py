@@ -46,10 +46,10 @@ def run_case(case: str, steps: int, warmup: int, rounds: int, device: str, threa
     import torch
 
     import train
+    from editkit.config import parse_config
     from s2edit.config import CONFIG_DIR, TrainConfig
     from s2edit.data import S2EditDataModule
     from s2edit.module import S2EditModule
-    from spl.cli import parse_config
 
     if threads:
         torch.set_num_threads(threads)

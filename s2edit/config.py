@@ -1,7 +1,7 @@
 """Typed configuration schemas of `train.py` and `infer.py` (SPEC §7 defaults).
 
 `configs/train.yaml` and `configs/infer.yaml` carry the same defaults as these dataclasses (a test keeps
-them equal); the scripts merge YAML and `key=value` overrides into them with :func:`spl.cli.parse_config`.
+them equal); the scripts merge YAML and `key=value` overrides into them with :func:`editkit.config.parse_config`.
 Only the scripts and the LightningModule's `__init__` read these objects; library functions take typed,
 defaulted arguments.
 """

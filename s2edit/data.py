@@ -18,12 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPTokenizer
 
+from editkit.errors import InputError
+from editkit.images import load_image
 from s2edit.export import file_sha256
 from s2edit.models import StableDiffusion
 from s2edit.object_mask import MASK_LEVEL, load_object_mask, object_mask
 from s2edit.pairs import TrainingPair
 from s2edit.tokenizer import eos_index, token_ids, word_token_indices
-from spl.io import InputError, load_image
 
 
 @dataclass

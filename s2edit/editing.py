@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from editkit.errors import InputError
+from editkit.images import load_image, load_mask
 from s2edit.attention import AttentionStore, ColumnMask, ControllerChain, SpatialControl, controlled_attention
 from s2edit.export import load_export
 from s2edit.inversion import (
@@ -54,7 +56,6 @@ from s2edit.inversion import (
 from s2edit.models import DEFAULT_MODEL, StableDiffusion, load_stable_diffusion
 from s2edit.p2p import PromptToPrompt, build_p2p
 from s2edit.tokenizer import token_ids, word_token_indices
-from spl.io import InputError, load_image, load_mask
 from spl.losses import SPLReference, cpl_loss, spl_loss
 from spl.masks import binarize_attention, upsample_mask
 from spl.refine import refine

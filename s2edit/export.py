@@ -33,9 +33,11 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from editkit.errors import InputError
+from editkit.files import PICKLE_SUFFIXES, file_sha256, slug
+from editkit.images import save_mask
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.tokenizer import add_placeholder_token
-from spl.io import InputError, save_mask
 
 EXPORT_FORMAT = "s2edit-export"
 EXPORT_VERSION = 1
@@ -45,7 +47,6 @@ WEIGHT_FILES = {
     "full": {"unet": "unet.safetensors", "text_encoder": "text_encoder.safetensors"},
     "lora": {"unet": "unet_lora.safetensors", "text_encoder": "text_encoder_lora.safetensors"},
 }
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (SPEC §2)
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_MARKER = "lora_"
@@ -113,22 +114,13 @@ def base_model_probe(sd: StableDiffusion) -> dict[str, list[float]]:
     return {name: t.detach().flatten()[:PROBE_VALUES].float().cpu().tolist() for name, t in tensors.items()}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fingerprint(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def mask_file_name(index: int, placeholder: str) -> str:
-    """"mask_0_I.png" for "[I]": letters and digits only, the index keeps names unique."""
-    slug = "".join(c for c in placeholder if c.isalnum()) or "token"
-    return f"mask_{index}_{slug}.png"
+    """"mask_0_I.png" for "[I]" (:func:`editkit.files.slug`); the index keeps names unique."""
+    return f"mask_{index}_{slug(placeholder)}.png"
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

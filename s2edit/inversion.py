@@ -34,8 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from editkit.errors import InputError
+from editkit.files import atomic_path
 from s2edit.attention import ColumnMask, SpatialControl, controlled_attention, cross_attention_layers
-from spl.io import InputError, atomic_path
 
 METHODS = ("null_text", "negative_prompt", "ddim")
 CACHE_FORMAT = "s2edit-inversion"

@@ -26,8 +26,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from huggingface_hub import constants as hub_constants
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from editkit.errors import InputError
 from s2edit.tokenizer import clip_tokenizer, token_ids
-from spl.io import InputError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"

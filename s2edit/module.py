@@ -25,6 +25,8 @@ import torch
 from diffusers import DDIMScheduler
 from omegaconf import OmegaConf
 
+from editkit.errors import ReportedError
+from editkit.files import slug
 from s2edit.attention import (
     AttentionController,
     AttentionStore,
@@ -47,7 +49,6 @@ from s2edit.losses import (
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.object_mask import MASK_LEVEL, resize_mask
 from s2edit.tokenizer import add_placeholder_token
-from spl.io import ReportedError
 
 RECONSTRUCTION_STEPS = 10  # DDIM steps of the logged reconstruction sample
 RECONSTRUCTION_STRENGTH = 0.5  # it starts from the input latent noised to half of the schedule
@@ -337,7 +338,7 @@ class S2EditModule(L.LightningModule):
         for row in range(batch["latents"].shape[0]):
             index = int(batch["pair_index"][row])
             pair = self.trainer.datamodule.prepared[index] if self.trainer.datamodule else None
-            name = token_slug(next(k for k, v in self.token_ids.items() if v == int(batch["token_id"][row])))
+            name = slug(next(k for k, v in self.token_ids.items() if v == int(batch["token_id"][row])))
             size = tuple(batch["latents"].shape[-2:])
             image_size = (size[0] * self.sd.vae_scale_factor, size[1] * self.sd.vae_scale_factor)
             if pair is not None:
@@ -355,12 +356,6 @@ class S2EditModule(L.LightningModule):
             for tag, attention in (("placeholder", placeholder_map), ("object", object_map)):
                 attention = attention / attention.max().clamp_min(torch.finfo(attention.dtype).tiny)
                 writer.add_image(f"attention_{tag}/{name}", resize_mask(attention, image_size)[None], step)
-
-
-def token_slug(placeholder: str) -> str:
-    """A file- and tag-safe name for a placeholder: "[I]" → "I"."""
-    slug = "".join(c for c in placeholder if c.isalnum())
-    return slug or "token"
 
 
 def to_unit(image: torch.Tensor) -> torch.Tensor:

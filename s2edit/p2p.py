@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from editkit.errors import InputError
 from s2edit.attention import AttentionCall, AttentionController, AttentionStore, heads_view
 from s2edit.tokenizer import token_ids, word_token_indices
-from spl.io import InputError
 
 MODES = ("refine", "replace")
 NEW_TOKEN = -1  # refine mapping: a target token without a source partner keeps its own map

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from transformers import CLIPTokenizer
 
+from editkit.errors import InputError
+from editkit.images import read_image
 from s2edit.tokenizer import token_ids, word_token_indices
-from spl.io import InputError, read_image
 
 
 @dataclass(frozen=True)

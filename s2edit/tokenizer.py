@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import CLIPTokenizer
 
-from spl.io import InputError, atomic_path
+from editkit.errors import InputError
+from editkit.files import atomic_path
 
 if TYPE_CHECKING:  # importing the model classes costs seconds; train.py's input checks need none
     from transformers import CLIPTextModel

@@ -1,6 +1,6 @@
 """Entry point of `python -m spl` (see spl/cli_app.py)."""
 
-from spl.cli import run_main
+from editkit.config import run_main
 from spl.cli_app import main
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from spl.cli import parse_config
-from spl.io import InputError, load_image, load_mask, resize_to, save_image
+from editkit.config import parse_config
+from editkit.errors import InputError
+from editkit.images import load_image, load_mask, resize_to, save_image
 from spl.losses import color_preservation_loss, structure_preservation_loss
 from spl.refine import refine
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from editkit.config import parse_config, run_main
+from editkit.errors import InputError
 from s2edit.config import CONFIG_DIR, InferConfig, TrainConfig
-from spl.cli import parse_config, run_main
-from spl.io import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_YAML = CONFIG_DIR / "train.yaml"

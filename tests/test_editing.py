@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from editkit.errors import InputError
+from editkit.images import load_image
 from s2edit.editing import Editor, Placeholder, prompt_words
 from s2edit.inversion import NullTextSettings, reconstruct
 from s2edit.tokenizer import add_placeholder_token
-from spl.io import InputError, load_image
 
 IMAGE = "examples/chelsea.png"
 SOURCE = "a photo of a cat"

@@ -13,14 +13,15 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from editkit.config import parse_config
+from editkit.errors import InputError
+from editkit.images import load_mask
 from s2edit.config import CONFIG_DIR, TrainConfig
 from s2edit.data import S2EditDataModule
 from s2edit.export import EMBEDDINGS, MANIFEST, load_export, read_manifest, write_export
 from s2edit.models import random_stable_diffusion
 from s2edit.module import S2EditModule
 from s2edit.pairs import TrainingPair
-from spl.cli import parse_config
-from spl.io import InputError, load_mask
 
 SIZE = 128
 

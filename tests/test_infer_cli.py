@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import infer
+from editkit.config import run_main
 from s2edit.models import load_stable_diffusion
-from spl.cli import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"

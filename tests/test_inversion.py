@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from editkit.errors import InputError
+from editkit.images import load_image
 from s2edit.inversion import (
     DDIMSchedule,
     NullTextSettings,
@@ -23,7 +25,6 @@ from s2edit.inversion import (
     to_epsilon,
 )
 from s2edit.models import StableDiffusion, load_stable_diffusion
-from spl.io import InputError, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"

@@ -10,6 +10,7 @@ import torch
 from diffusers import PNDMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from editkit.errors import InputError
 from s2edit.models import (
     MODEL_CONFIG_DIR,
     StableDiffusion,
@@ -18,7 +19,6 @@ from s2edit.models import (
     random_stable_diffusion,
 )
 from s2edit.tokenizer import add_placeholder_token, default_cache_dir
-from spl.io import InputError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Parameter counts of CompVis/stable-diffusion-v1-4 (UNet ~860M, VAE ~84M, CLIP ViT-L/14 text ~123M)

@@ -15,11 +15,11 @@ from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from editkit.config import parse_config
 from s2edit.attention import CROSS_SUFFIX, AttentionCall, AttentionController, AttentionProcessor, heads_view
 from s2edit.config import CONFIG_DIR, TrainConfig
 from s2edit.data import S2EditDataModule
 from s2edit.module import NonFiniteLossError, ResumeCheckpoint, S2EditModule
-from spl.cli import parse_config
 
 SIZE = 128
 

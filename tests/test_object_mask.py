@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from editkit.errors import InputError
+from editkit.images import load_image
 from s2edit.attention import AttentionStore, controlled_attention, cross_attention_layers
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.object_mask import MASK_LEVEL, load_object_mask, object_attention_map, object_mask, resize_mask
 from s2edit.tokenizer import word_token_indices
-from spl.io import InputError, load_image
 
 SIZE = 128
 PROMPT = "a photo of a woman"

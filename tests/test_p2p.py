@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from editkit.errors import InputError
 from s2edit.attention import AttentionCall, AttentionStore, ControllerChain, controlled_attention
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.p2p import (
@@ -19,7 +20,6 @@ from s2edit.p2p import (
     replace_mapping,
 )
 from s2edit.tokenizer import clip_tokenizer, word_token_indices
-from spl.io import InputError
 
 BOS, EOS = 100, 200  # hand-made ids: start / end tokens
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFilter
 from skimage import data
 
-from spl.io import load_image, resize_to
+from editkit.images import load_image, resize_to
 from spl.losses import structure_preservation_loss
 
 ROOT = Path(__file__).resolve().parents[1]

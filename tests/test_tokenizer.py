@@ -9,6 +9,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from editkit.errors import InputError
 from s2edit.models import MODEL_CONFIG_DIR
 from s2edit.tokenizer import (
     BOS_TOKEN,
@@ -20,7 +21,6 @@ from s2edit.tokenizer import (
     token_ids,
     word_token_indices,
 )
-from spl.io import InputError
 
 SENTENCES = [
     "a photo of a woman with bangs",

@@ -22,8 +22,8 @@ from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from editkit.config import run_main
 from s2edit.export import load_export
-from spl.cli import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128

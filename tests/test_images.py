@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spl.io import (
-    InputError,
+from editkit.errors import InputError
+from editkit.images import (
     load_image,
     load_mask,
     pil_to_tensor,

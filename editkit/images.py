@@ -3,17 +3,14 @@
 Every image a user hands in goes through :func:`load_image`: any PIL-readable still format, EXIF
 orientation honoured, alpha composited on white, palette / grayscale / 16-bit converted to 8-bit RGB,
 resized (aspect ratio kept, centre-cropped by at most one `multiple`) so both sides are multiples of
-`multiple` and the area is close to ``resolution**2``. Every file the project writes goes through
-:func:`atomic_path`, so an interrupted run never leaves a half-written file under the final name.
+`multiple` and the area is close to ``resolution**2``. Every image the project writes goes through
+:func:`editkit.files.atomic_path`, so an interrupted run never leaves a half-written file under the
+final name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from editkit.errors import InputError
+from editkit.files import atomic_path
+
 MIN_SIDE = 64  # smaller images carry too little for an 8× VAE and 16×16 attention maps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must be refused, not padded with grey
-
-
-class ReportedError(Exception):
-    """An error whose message is complete for a user: the CLIs print it as one line and exit non-zero."""
-
-
-class InputError(ReportedError, ValueError):
-    """A user-caused problem (path, image, prompt, value, checkpoint); the message names the bad value."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
-
-    The writer creates the temporary file itself, so it gets the usual permissions (umask), not 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def _open(path: str | Path) -> Image.Image:
