@@ -1,15 +1,19 @@
-"""Edit an image with S2Edit + SPL (SPEC §1, §3–§6).
+"""Edit an image with S2Edit + SPL (SPEC §1, §3–§6, §9).
 
     python infer.py ckpt=outputs/demo/export target="a photo of a [I] woman with bangs"   # fine-tuned [I]
     python infer.py ckpt=… target="a photo of a [I] woman with [A] makeup"               # compositional
     python infer.py model=tiny image=examples/chelsea.png source="a photo of a cat" \\
         target="a photo of a tiger" target="a photo of a lion"                          # training-free
+    python infer.py ... method=virtual            # virtual inversion (SPEC §9): no inversion, 15 steps
+    python infer.py ... method=p2p inversion=direct   # inversion + Prompt-to-Prompt, Direct Inversion
 
-Writes into `out=` (default outputs/edit): one `edit_<k>.png` per target, `source.png` (the preprocessed
-input), `reconstruction.png` (the inversion's), `masks/` and `attention/` PNGs and `report.json`
-(images an earlier run into the same `out` wrote and this one does not are removed). The
-inversion is cached in `<ckpt>/cache/` (training-free: `<out>/cache/`) and reused by later edits of the
-same image and prompt. `python infer.py --help` lists every key.
+`method=auto` (default) edits training-free with the virtual-inversion method and an S2Edit checkpoint
+with inversion + Prompt-to-Prompt (the paper's editor). Writes into `out=` (default outputs/edit): one
+`edit_<k>.png` per target, `source.png` (the preprocessed input), `reconstruction.png` (the source
+branch), `masks/` and `attention/` PNGs and `report.json` (images an earlier run into the same `out` wrote
+and this one does not are removed). Inversions are cached in `<ckpt>/cache/` (training-free:
+`<out>/cache/`) and reused by later edits of the same image and prompt. `python infer.py --help` lists
+every key.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ REPORT = "report.json"
 
 @dataclasses.dataclass
 class Inputs:
-    """What the checks resolved: the image and source prompt (maybe from the checkpoint) and outputs."""
+    """What the checks resolved: the image and source prompt (maybe from the checkpoint), outputs, plan."""
 
     image: Path
     source: str
     out: Path
     manifest: Any | None
+    plan: Any
 
 
 def output_names(n_targets: int) -> list[str]:
@@ -46,17 +51,10 @@ def output_names(n_targets: int) -> list[str]:
 
 
 def check_inputs(cfg: InferConfig) -> Inputs:
-    """Refuse bad inputs in one line before any model is loaded (STYLE habit 5)."""
+    """Refuse bad inputs in one line before any model is loaded (STYLE habit 5); returns the edit plan
+    made with the offline CLIP tokenizer (+ the checkpoint's tokens)."""
     if not cfg.target:
         raise InputError('no target prompt: pass target="…" (repeat target=… for several edits)')
-    for key, value, minimum in (
-        ("steps", cfg.steps, 1),
-        ("resolution", 64 if cfg.resolution is None else cfg.resolution, 64),
-        ("nti.inner_steps", cfg.nti.inner_steps, 0),
-        ("spl.iterations", cfg.spl.iterations, 0),
-    ):
-        if value < minimum:
-            raise InputError(f"{key}={value} must be at least {minimum}")
     manifest = None
     if cfg.ckpt is not None:
         from s2edit.export import read_manifest
@@ -88,78 +86,22 @@ def check_inputs(cfg: InferConfig) -> Inputs:
         out.resolve() / "attention"
     ):
         raise InputError(f"the input image '{image}' lies in an output folder of out='{out}': move it")
-    check_prompts(cfg, source, manifest)
-    return Inputs(Path(image), source, out, manifest)
+    return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest))
 
 
-def check_prompts(cfg: InferConfig, source: str, manifest: Any | None) -> None:
-    """Prompts, words and P2P/SPL options, with the offline CLIP tokenizer (+ the checkpoint's tokens);
-    the editor checks them again with the model's own tokenizer."""
-    from s2edit.editing import Placeholder, check_edit_inputs
+def edit_plan(cfg: InferConfig, source: str, manifest: Any | None) -> Any:
+    """The edit plan (prompts, words, schedules checked once) with the offline CLIP tokenizer."""
+    from s2edit.plan import Placeholder, plan_edit
     from s2edit.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     tokens = manifest.tokens if manifest is not None else []
     tokenizer.add_tokens([token.placeholder for token in tokens])
     placeholders = [Placeholder(token.placeholder, None, token.prompt) for token in tokens]
-    options = edit_options(cfg)
-    check_edit_inputs(
-        tokenizer, placeholders, source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS}
+    return plan_edit(
+        tokenizer, placeholders, source, cfg.target, method=cfg.resolved_method(), steps=cfg.steps,
+        p2p=cfg.p2p, virtual=cfg.virtual, spl=cfg.spl, masks=cfg.mask,
     )
-
-
-def edit_options(cfg: InferConfig) -> dict[str, Any]:
-    """InferConfig → keyword arguments of `Editor.edit` (and of `Editor.check_inputs`)."""
-    spl = cfg.spl
-    return {
-        "mode": cfg.mode,
-        "cross_replace": cfg.cross_replace,
-        "cross_replace_words": cfg.cross_replace_words,
-        "self_replace": cfg.self_replace,
-        "reweight": cfg.reweight,
-        "blend_words": cfg.blend_words,
-        "blend_threshold": cfg.blend_threshold,
-        "blend_start": cfg.blend_start,
-        "spatial_control": cfg.spatial_control,
-        "structure": spl.structure,
-        "color": spl.color,
-        "structure_weight": spl.structure_weight,
-        "color_weight": spl.color_weight,
-        "iterations": spl.iterations,
-        "spl_lr": spl.lr,
-        "momentum": spl.momentum,
-        "opt_schedule": spl.opt_schedule,
-        "postprocess": spl.postprocess,
-        "radius": spl.radius,
-        "eps": spl.eps,
-        "area": spl.area,
-        "mask_words_source": spl.mask_words_source,
-        "mask_words_target": spl.mask_words_target,
-        "mask_threshold": spl.mask_threshold,
-        "mask_invert": spl.mask_invert,
-        "mask_radius": spl.mask_radius,
-        "mask_eps": spl.mask_eps,
-    }
-
-
-CHECKED_OPTIONS = (
-    "mode",
-    "cross_replace",
-    "cross_replace_words",
-    "self_replace",
-    "reweight",
-    "blend_words",
-    "blend_threshold",
-    "blend_start",
-    "iterations",
-    "opt_schedule",
-    "structure_weight",
-    "color_weight",
-    "area",
-    "mask_words_source",
-    "mask_words_target",
-    "mask_threshold",
-)
 
 
 def write_outputs(out: Path, result: Any, editor: Any) -> dict[str, Any]:
@@ -238,8 +180,9 @@ def main(argv: list[str]) -> None:
     )
     start = time.perf_counter()
 
-    # 1. Check inputs (no model yet)
+    # 1. Check inputs and plan the edit (no model yet)
     inputs = check_inputs(cfg)
+    method = inputs.plan.method
 
     # 2. Model (heavy imports here, so that refused inputs fail fast)
     import diffusers
@@ -248,7 +191,6 @@ def main(argv: list[str]) -> None:
 
     from editkit.files import atomic_path
     from s2edit.editing import Editor
-    from s2edit.inversion import NullTextSettings
     from s2edit.runtime import retain_freed_memory
 
     retain_freed_memory()  # CPU runs: no page faults on every UNet pass's activations (s2edit/runtime.py)
@@ -259,53 +201,47 @@ def main(argv: list[str]) -> None:
         editor = Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision)
     else:
         editor = Editor.from_model(
-            cfg.model,
-            device=cfg.device,
-            precision=cfg.precision,
-            seed=cfg.seed,
+            cfg.model, device=cfg.device, precision=cfg.precision, seed=cfg.seed,
             cache_dir=inputs.out / "cache",
         )
-    options = edit_options(cfg)
-    editor.check_inputs(inputs.source, cfg.target, cfg.steps, **{k: options[k] for k in CHECKED_OPTIONS})
     # resolution=None: the checkpoint's training size, else the model's native size (as train.py)
     image = editor.load_image(inputs.image, cfg.resolution)
     load_seconds = time.perf_counter() - load_start
 
-    # 3. Inversion (cached)
+    # 3. Inversion (p2p; cached) and edit
     inversion_start = time.perf_counter()
-    inversion = editor.invert(
-        image,
-        inputs.source,
-        method=cfg.inversion,
-        steps=cfg.steps,
-        guidance=cfg.guidance,
-        nti=NullTextSettings(cfg.nti.inner_steps, cfg.nti.lr, cfg.nti.early_stop, cfg.nti.early_stop_growth),
-        spatial_control=cfg.spatial_control,
-    )
-    inversion_seconds = time.perf_counter() - inversion_start
-    print(
-        f"inversion ({cfg.inversion}): {'cache hit' if inversion.cached else 'computed'} "
-        f"in {inversion_seconds:.1f} s",
-        file=sys.stderr,
-    )
+    if method == "p2p":
+        inversion = editor.invert(
+            image, inputs.source, method=cfg.inversion, steps=cfg.steps, guidance=cfg.guidance,
+            nti=cfg.nti, spatial_control=cfg.spatial_control,
+        )
+        inversion_seconds = time.perf_counter() - inversion_start
+        print(
+            f"inversion ({cfg.inversion}): {'cache hit' if inversion.cached else 'computed'} "
+            f"in {inversion_seconds:.1f} s",
+            file=sys.stderr,
+        )
+        result = editor.edit(inversion, inputs.plan, spatial_control=cfg.spatial_control)
+    else:
+        inversion_seconds = 0.0
+        result = editor.edit_virtual(
+            image, inputs.source, inputs.plan, seed=cfg.seed, spatial_control=cfg.spatial_control
+        )
 
-    # 4. Edit
-    result = editor.edit(inversion, cfg.target, **options)
-
-    # 5. Outputs, each written atomically; the report last
+    # 4. Outputs, each written atomically; the report last
     write_start = time.perf_counter()
     previous = previous_outputs(inputs.out)
     files = write_outputs(inputs.out, result, editor)
     stale = remove_stale(inputs.out, previous, listed_files(files), inputs.image)
+    edit = result.to_report()
+    for k, target in enumerate(edit["metrics"]["targets"]):
+        target["file"] = files["edits"][k]
     timings = {
         "load": load_seconds,
         "inversion": inversion_seconds,
-        "edit": result.timings,
+        "edit": edit.pop("timings"),
         "write": time.perf_counter() - write_start,
     }
-    metrics = dict(result.metrics)
-    for k, target in enumerate(metrics["targets"]):
-        target["file"] = files["edits"][k]
     report = {
         "command": ["infer.py", *argv],
         "settings": dataclasses.asdict(cfg),
@@ -323,34 +259,22 @@ def main(argv: list[str]) -> None:
             "sha256": file_sha256(inputs.image),
             "working_size": [int(image.shape[-1]), int(image.shape[-2])],
         },
-        "source": inputs.source,
-        "targets": list(cfg.target),
-        "inversion": {
-            "method": inversion.method,
-            "cached": inversion.cached,
-            "key": inversion.key,
-            "cache_dir": str(editor.cache_dir) if editor.cache_dir else None,
-            "compute_seconds": inversion.seconds,
-            "steps": inversion.steps,
-            "guidance": inversion.guidance,
-            "updates": sum(inversion.inner_steps),
-            "final_loss": inversion.losses[-1] if inversion.losses else None,
-        },
+        **edit,
         "timings": timings,
-        "metrics": metrics,
         "files": files,
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,
         },
+        "removed_stale_outputs": stale,
     }
-    report["removed_stale_outputs"] = stale
     timings["total"] = time.perf_counter() - start
     with atomic_path(inputs.out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(
-        f"wrote {len(files['edits'])} edit(s), masks, attention maps and {REPORT} to {inputs.out}/",
+        f"wrote {len(files['edits'])} edit(s) ({method}), masks, attention maps and {REPORT} "
+        f"to {inputs.out}/",
         file=sys.stderr,
     )
     for k, target in enumerate(cfg.target):

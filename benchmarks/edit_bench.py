@@ -40,9 +40,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editkit.images import load_image
-from s2edit.inversion import DEFAULT_NTI, DDIMSchedule, NullTextSettings, ddim_inversion, ddim_step, invert
+from s2edit.diffusion import DDIMSchedule, ddim_step
+from s2edit.inversion import DEFAULT_NTI, ddim_inversion, invert
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.runtime import retain_freed_memory
+from s2edit.settings import NullTextSettings
 
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
 SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
@@ -96,18 +98,21 @@ def reference_null_text(
         )
         null = null.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh leaf
         optimizer = torch.optim.Adam([null], lr=nti.lr * (1.0 - i / 100.0))
-        for update in range(nti.inner_steps + 1):
-            loss = F.mse_loss(ddim_step(z, guided(z, t, null), alpha, alpha_prev), latents[n - 1 - i : n - i])
-            if update == nti.inner_steps or loss.item() < nti.early_stop + i * nti.early_stop_growth:
-                break
+        target = latents[n - 1 - i : n - i]
+        updates = 0
+        for _ in range(nti.inner_steps):  # the reference's order: loss, Adam step, then the early stop
+            loss = F.mse_loss(ddim_step(z, guided(z, t, null), alpha, alpha_prev), target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            updates += 1
+            if loss.item() < nti.early_stop + i * nti.early_stop_growth:
+                break
         stored.append(null.detach()[0].clone())
-        result.losses.append(loss.item())
-        result.inner_steps.append(update)
         with torch.no_grad():
             z = ddim_step(z, guided(z, t, null.detach()), alpha, alpha_prev)
+        result.losses.append(F.mse_loss(z, target).item())
+        result.inner_steps.append(updates)
     result.null_embeddings = torch.stack(stored)
     return result
 

@@ -1,16 +1,24 @@
 """Typed `key=value` command lines for the project's scripts (train.py, infer.py, python -m spl).
 
-A script declares its settings as a dataclass whose fields carry `metadata={"help": ...}` (and
-optionally `"choices"`); :func:`parse_config` merges the defaults YAML, an optional `config=file.yaml`
-and the `key=value` overrides into an instance of it. Values are converted by the field's type, so
-`prompt="a [I] dog"` stays a string while `steps=20` becomes an int. Mistakes fail at start, in one line:
-an unknown key names the closest valid one, a bad value names the key and the expected type.
+A script declares its settings as a dataclass whose fields are made with :func:`setting` (a help text,
+and optionally choices and a range); :func:`parse_config` merges the defaults YAML, an optional
+`config=file.yaml` and the `key=value` overrides into an instance of it. Values are converted by the
+field's type, so `prompt="a [I] dog"` stays a string while `steps=20` becomes an int. Mistakes fail at
+start, in one line: an unknown key names the closest valid one, a bad value names the key and the
+expected type or range. :func:`check_fields` applies the same checks to a dataclass built in Python, so
+the library's settings objects refuse what the command line refuses.
+
+Prompts are literal text: a prompt-valued list key (`text=True`) given `target=[I] woman smiling` holds
+that one prompt; only an explicit list with quoted items (`target=["a cat", "a dog"]`) or a repeated key
+(`target=a target=b`) gives several.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -27,6 +35,101 @@ from editkit.errors import InputError, ReportedError
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _NONE = {"null", "none", "~"}
+_QUOTED_LIST = re.compile(r"""\s*\[\s*(\]|["'])""")  # `["a", "b"]` or `[]`: an explicit list of texts
+_BOUNDS = (("ge", ">=", float.__ge__), ("gt", ">", float.__gt__), ("le", "<=", float.__le__),
+           ("lt", "<", float.__lt__))
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    text: bool = False,
+) -> Any:
+    """A dataclass field of a settings schema: its help line, and what values are valid.
+
+    `choices` lists the valid values; `ge`/`gt`/`le`/`lt` bound a number (each item of a list, each value
+    of a mapping); float values must be finite. `text=True` marks a list of prompts, which is literal
+    text unless written as an explicit list of quoted items (see the module docstring).
+    """
+    meta: dict[str, Any] = {"help": help}
+    if choices:
+        meta["choices"] = tuple(choices)
+    for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+        if bound is not None:
+            meta[name] = bound
+    if text:
+        meta["text"] = True
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def range_text(metadata: Any) -> str:
+    """The valid range of a field as text, e.g. ">= 0, < 1"; "" when unbounded."""
+    return ", ".join(f"{symbol} {metadata[name]:g}" for name, symbol, _ in _BOUNDS if name in metadata)
+
+
+def _numbers(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_value(name: str, value: Any, metadata: Any) -> None:
+    """Refuse a value outside its field's choices or range, or a non-finite float: InputError naming it."""
+    choices = metadata.get("choices")
+    if choices and value is not None and value not in choices:
+        raise InputError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+    for number in _numbers(value):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            continue
+        if isinstance(number, float) and not math.isfinite(number):
+            raise InputError(f"{name}={value!r} must be a finite number")
+        for key, _, holds in _BOUNDS:
+            if key in metadata and not holds(float(number), float(metadata[key])):
+                raise InputError(f"{name}={value!r} must be {range_text(metadata)}")
+
+
+def _type_matches(value: Any, tp: Any) -> bool:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        return optional
+    origin = typing.get_origin(inner)
+    if origin is list:
+        item_tp = typing.get_args(inner)[0]
+        return isinstance(value, (list, tuple)) and all(_type_matches(v, item_tp) for v in value)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(inner)
+        return isinstance(value, dict) and all(
+            _type_matches(k, key_tp) and _type_matches(v, value_tp) for k, v in value.items()
+        )
+    if inner is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(inner):
+        return isinstance(value, inner)
+    return isinstance(value, inner) if isinstance(inner, type) else True
+
+
+def check_fields(instance: Any) -> None:
+    """Check every field of a dataclass instance: its type, choices and range (InputError naming it).
+
+    Call it from `__post_init__` so that settings built in Python are refused like the command line's.
+    """
+    owner = type(instance).__name__
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        value, name = getattr(instance, field.name), f"{owner}.{field.name}"
+        if not _type_matches(value, hints[field.name]):
+            raise InputError(f"{name}={value!r} must be {_type_name(hints[field.name])}")
+        check_value(name, value, field.metadata)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -115,15 +218,20 @@ def _convert_container(key: str, raw: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for key '{key}'")  # a schema bug, not a user error
 
 
+def _single_item(raw: str, field: dataclasses.Field) -> bool:
+    """Whether a command-line string for a list key is one item rather than a YAML list."""
+    if field.metadata.get("text"):  # prompts: only `["…", "…"]` is a list; `[I] a dog` is one prompt
+        return not _QUOTED_LIST.match(raw)
+    return not raw.lstrip().startswith("[")
+
+
 def _convert(key: str, raw: Any, field: dataclasses.Field, tp: Any) -> Any:
     inner, _ = _unwrap_optional(tp)
-    if typing.get_origin(inner) is list and isinstance(raw, str) and not raw.lstrip().startswith("["):
+    if typing.get_origin(inner) is list and isinstance(raw, str) and _single_item(raw, field):
         value: Any = [_convert_scalar(key, raw, typing.get_args(inner)[0])]
     else:
         value = _convert_scalar(key, raw, tp)
-    choices = field.metadata.get("choices")
-    if choices and value is not None and value not in choices:
-        raise InputError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    check_value(key, value, field.metadata)
     return value
 
 
@@ -173,6 +281,13 @@ def format_help(
     lines = [f"usage: {prog} [key=value ...] [config=file.yaml]", ""]
     if description:
         lines += [description, ""]
+    if any(field.metadata.get("text") for _, field, _ in _fields(schema)):
+        lines += [
+            'Prompts are literal text: target=[I] woman smiling is ONE prompt. Several prompts: repeat the',
+            'key (target="a cat" target="a dog") or write an explicit list of quoted items',
+            '(target=\'["a cat", "a dog"]\'). Word lists take plain YAML lists: blend_words=[cat, dog].',
+            "",
+        ]
     table = []
     for key, field, tp in _fields(schema):
         value: Any = defaults
@@ -180,6 +295,8 @@ def format_help(
             value = value[part]
         choices = field.metadata.get("choices")
         kind = " | ".join(map(str, choices)) if choices else _type_name(tp)
+        bounds = range_text(field.metadata)
+        kind = f"{kind}, {bounds}" if bounds else kind
         table.append((key, f"{kind} = {value!r}", field.metadata.get("help", "")))
     width = max(len(k) for k, _, _ in table)
     for key, kind, text in table:

@@ -7,6 +7,7 @@ The public API is importable from here; the heavy modules (diffusers, lightning)
     from s2edit import Editor
     editor = Editor.from_export("outputs/astronaut/export")   # load once …
     inversion = editor.invert(image, prompt)                   # … invert (cached) and edit many times
+    result = editor.edit(inversion, ["a photo of a [I] woman with bangs"], p2p=P2PSettings(self_replace=0.6))
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from typing import Any
 _EXPORTS = {
     "Editor": "s2edit.editing",
     "EditResult": "s2edit.editing",
-    "NullTextSettings": "s2edit.inversion",
+    "Placeholder": "s2edit.plan",
+    "EditPlan": "s2edit.plan",
+    "plan_edit": "s2edit.plan",
+    "NullTextSettings": "s2edit.settings",
+    "P2PSettings": "s2edit.settings",
+    "SPLSettings": "s2edit.settings",
+    "MaskSettings": "s2edit.settings",
+    "VirtualSettings": "s2edit.settings",
+    "StepState": "s2edit.engine",
+    "StepHook": "s2edit.engine",
     "S2EditModule": "s2edit.module",
     "S2EditDataModule": "s2edit.data",
     "load_export": "s2edit.export",

@@ -5,9 +5,15 @@ The UNet's behaviour is changed only by swapping processors with `unet.set_attn_
 hands the softmaxed probabilities to a controller before multiplying with the values. All state that
 spans layers and steps lives in controller objects (`step`, `reset()`), never in globals.
 
+A controller acts at two points of each routed layer: :meth:`AttentionController.edit_qkv` may swap
+queries, keys and values between rows before the scores (mutual self-attention, SPEC §9), and
+``__call__`` may edit the softmaxed probabilities (spatial control, Prompt-to-Prompt, stores). A layer
+whose probabilities no controller reads or edits runs torch's fused attention on the (edited) q, k, v;
+a layer no controller wants at all keeps its original processor (:func:`controlled_attention`).
+
 Terms used throughout:
 - *level* of a layer: how much smaller its query grid is than the latent (1, 2, 4, 8). SD v1 at 512²
-  has a 64×64 latent, so its "16×16 layers" (S2Edit, P2P, SPL) are the level-4 layers.
+  has a 64×64 latent, so its "16×16 layers" (S2Edit, P2P, SPL) are the level-4 layers (MASK_LEVEL).
 - *rows*: the UNet batch index. With classifier-free guidance the batch is [unconditional…, conditional…];
   controllers are told which rows are conditional (`AttentionController.conditional_rows`).
 """
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 CROSS_SUFFIX = "attn2.processor"  # diffusers' BasicTransformerBlock: attn1 = self, attn2 = cross
+MASK_LEVEL = 4  # the "16×16" cross-attention layers of SD at 512² (latent / 4): masks, LocalBlend, maps
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,17 @@ def place(name: str) -> str:
     return name.split("_", 1)[0]
 
 
+def layer_level(name: str, num_blocks: int) -> int:
+    """Level of an attention processor from its key in a UNet with `num_blocks` down (and up) blocks:
+    down block k → 2^k, the mid block → 2^(n−1), up block k → 2^(n−1−k)."""
+    part = name.split(".")
+    if part[0] == "down_blocks":
+        return 2 ** int(part[1])
+    if part[0] == "up_blocks":
+        return 2 ** (num_blocks - 1 - int(part[1]))
+    return 2 ** (num_blocks - 1)
+
+
 def grid_size(queries: int, latent_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
     """((h, w), level) of a layer with `queries` tokens inside a UNet run on a latent of `latent_size`."""
     height, width = latent_size
@@ -56,7 +74,9 @@ class AttentionController:
     """Base controller: sees the probabilities of every controlled layer; returns them (maybe edited).
 
     `step` is set by whoever drives the UNet (training step or denoising index); `latent_size` is set
-    automatically by :func:`controlled_attention` before each UNet forward.
+    automatically by :func:`controlled_attention` before each UNet forward. Subclasses say which layers
+    they need (:meth:`wants`) and whether they read the probabilities of a call (:meth:`reads_probs`);
+    the base controller reads every layer.
     """
 
     def __init__(self) -> None:
@@ -66,6 +86,20 @@ class AttentionController:
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return probs
+
+    def edit_qkv(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B·heads, N, d) before the scores; returned unchanged by default."""
+        return query, key, value
+
+    def wants(self, is_cross: bool, level: int) -> bool:
+        """Whether layers of this kind must be routed through the controller at all."""
+        return True
+
+    def reads_probs(self, call: AttentionCall) -> bool:
+        """Whether `__call__` must see this call's probabilities (else fused attention is used)."""
+        return True
 
     def reset(self) -> None:
         self.step = 0
@@ -84,8 +118,22 @@ class ControllerChain(AttentionController):
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         for controller in self.controllers:
-            probs = controller(probs, call)
+            if controller.reads_probs(call):
+                probs = controller(probs, call)
         return probs
+
+    def edit_qkv(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        for controller in self.controllers:
+            query, key, value = controller.edit_qkv(query, key, value, call)
+        return query, key, value
+
+    def wants(self, is_cross: bool, level: int) -> bool:
+        return any(controller.wants(is_cross, level) for controller in self.controllers)
+
+    def reads_probs(self, call: AttentionCall) -> bool:
+        return any(controller.reads_probs(call) for controller in self.controllers)
 
     def reset(self) -> None:
         super().reset()
@@ -137,17 +185,24 @@ class AttentionProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))  # (B·heads, N, d)
 
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B·heads, Q, K)
         latent_size = self.controller.latent_size
         if latent_size is None:
             raise RuntimeError("attention controller has no latent size: use controlled_attention(...)")
-        size, level = grid_size(probs.shape[1], latent_size)
+        size, level = grid_size(query.shape[1], latent_size)
         call = AttentionCall(self.name, is_cross, attn.heads, size, level)
-        probs = self.controller(probs, call)
-
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
+        query, key, value = self.controller.edit_qkv(query, key, value, call)
+        if self.controller.reads_probs(call):
+            probs = attn.get_attention_scores(query, key, attention_mask)  # (B·heads, Q, K)
+            probs = self.controller(probs, call)
+            hidden_states = torch.bmm(probs.to(value.dtype), value)
+        else:  # nobody reads these probabilities: torch's fused kernel, same math
+            mask = None if attention_mask is None else attention_mask.to(query.dtype)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=attn.scale
+            )
+        hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -167,13 +222,20 @@ def controlled_attention(
     controller: AttentionController,
     layers: Callable[[str], bool] | None = None,
 ) -> Iterator[AttentionController]:
-    """Route the selected attention layers (default: all) of `unet` through `controller`.
+    """Route the selected attention layers of `unet` through `controller`.
 
+    Default selection: the layers the controller :meth:`~AttentionController.wants` (by kind and level).
     Other layers keep their processors (the fast fused default). On exit the original processors are
     restored, also after an error.
     """
     original = dict(unet.attn_processors)
-    selected = {name for name in original if layers is None or layers(name)}
+    num_blocks = len(unet.config.block_out_channels)
+    if layers is None:
+
+        def layers(name: str) -> bool:
+            return controller.wants(name.endswith(CROSS_SUFFIX), layer_level(name, num_blocks))
+
+    selected = {name for name in original if layers(name)}
     processors = {n: AttentionProcessor(controller, n) if n in selected else p for n, p in original.items()}
 
     def record_latent_size(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -204,7 +266,7 @@ class AttentionStore(AttentionController):
     in training); otherwise maps are detached and stored in float32.
     """
 
-    def __init__(self, levels: Sequence[int] = (4,), detach: bool = True) -> None:
+    def __init__(self, levels: Sequence[int] = (MASK_LEVEL,), detach: bool = True) -> None:
         super().__init__()
         self.levels = tuple(levels)
         self.detach = detach
@@ -221,13 +283,24 @@ class AttentionStore(AttentionController):
             self.layer_levels[call.name] = call.level
         return probs
 
+    def wants(self, is_cross: bool, level: int) -> bool:
+        return is_cross and level in self.levels
+
+    def reads_probs(self, call: AttentionCall) -> bool:
+        return call.is_cross and call.level in self.levels
+
     def reset(self) -> None:
         super().reset()
         self.maps = {}
 
-    def average(self, level: int = 4, steps: Sequence[int] | None = None) -> torch.Tensor:
-        """Mean over heads (already), layers of `level` (down and up) and `steps`: (rows, h, w, K)."""
-        chosen = [self.maps[s] for s in (steps if steps is not None else sorted(self.maps))]
+    def average(
+        self, level: int = MASK_LEVEL, steps: Sequence[int] | None = None, until: int | None = None
+    ) -> torch.Tensor:
+        """Mean over heads (already), layers of `level` (down and up) and `steps` (default: all stored
+        steps; `until=i`: the stored steps ≤ i, i.e. everything so far at step i): (rows, h, w, K)."""
+        if steps is None:
+            steps = [s for s in sorted(self.maps) if until is None or s <= until]
+        chosen = [self.maps[s] for s in steps]
         maps = [m for per_step in chosen for name, m in per_step.items() if self.layer_levels[name] == level]
         if not maps:
             raise ValueError(f"no stored cross-attention maps at level {level} (stored levels {self.levels})")
@@ -262,6 +335,12 @@ class SpatialControl(AttentionController):
             mask = self.columns[index].mask.float()[None, None]
             self._resized[key] = F.interpolate(mask, size=size, mode="nearest").flatten()
         return self._resized[key].to(device=like.device, dtype=like.dtype)
+
+    def wants(self, is_cross: bool, level: int) -> bool:
+        return is_cross and bool(self.columns)
+
+    def reads_probs(self, call: AttentionCall) -> bool:
+        return call.is_cross and bool(self.columns)
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         if not call.is_cross or not self.columns:

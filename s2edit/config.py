@@ -1,7 +1,8 @@
 """Typed configuration schemas of `train.py` and `infer.py` (SPEC §7 defaults).
 
 `configs/train.yaml` and `configs/infer.yaml` carry the same defaults as these dataclasses (a test keeps
-them equal); the scripts merge YAML and `key=value` overrides into them with :func:`editkit.config.parse_config`.
+them equal); the scripts merge YAML and `key=value` overrides into them with
+:func:`editkit.config.parse_config`.
 Only the scripts and the LightningModule's `__init__` read these objects; library functions take typed,
 defaulted arguments.
 """
@@ -10,19 +11,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from editkit.config import setting
+from s2edit.settings import (
+    DEFAULT_MODEL,
+    MaskSettings,
+    NullTextSettings,
+    P2PSettings,
+    SPLSettings,
+    VirtualSettings,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+MAX_RESOLUTION = 2048  # working sizes above this do not fit SD's attention in memory on one GPU
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta: dict[str, Any] = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+_opt = setting  # a schema field: default, help line, choices and range (editkit.config.setting)
 
 
 # ----------------------------------------------------------------------------------------- fine-tuning
@@ -30,20 +34,22 @@ def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 
 @dataclass
 class FinetuneConfig:
-    method: str = _opt("full", "train the whole UNet + text encoder, or peft LoRA adapters", ("full", "lora"))
-    lr: float = _opt(2e-6, "AdamW learning rate for full fine-tuning (S2Edit §4.1)")
-    lora_lr: float = _opt(1e-4, "AdamW learning rate in LoRA mode")
-    lora_rank: int = _opt(16, "LoRA rank (UNet attention projections and text encoder)")
-    weight_decay: float = _opt(1e-2, "AdamW weight decay")
-    grad_clip: float = _opt(1.0, "gradient norm clipping (0 = off)")
+    method: str = _opt("full", "train the whole UNet + text encoder, or peft LoRA adapters",
+                       choices=("full", "lora"))
+    lr: float = _opt(2e-6, "AdamW learning rate for full fine-tuning (S2Edit §4.1)", gt=0)
+    lora_lr: float = _opt(1e-4, "AdamW learning rate in LoRA mode", gt=0)
+    lora_rank: int = _opt(16, "LoRA rank (UNet attention projections and text encoder)", ge=1, le=4096)
+    weight_decay: float = _opt(1e-2, "AdamW weight decay", ge=0)
+    grad_clip: float = _opt(1.0, "gradient norm clipping (0 = off)", ge=0)
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in UNet and text encoder")
 
 
 @dataclass
 class SemanticConfig:
-    weight: float = _opt(0.1, "λ_sem: weight of the semantic (orthogonality) loss, Eq. 2")
+    weight: float = _opt(0.1, "λ_sem: weight of the semantic (orthogonality) loss, Eq. 2", ge=0)
     embedding: str = _opt(
-        "hidden", "e_[I]: last hidden state at [I] (hidden) or its embedding row (token)", ("hidden", "token")
+        "hidden", "e_[I]: last hidden state at [I] (hidden) or its embedding row (token)",
+        choices=("hidden", "token"),
     )
 
 
@@ -51,9 +57,9 @@ class SemanticConfig:
 class SpatialConfig:
     control: bool = _opt(True, "multiply the placeholder's cross-attention by the object mask (Eq. 3)")
     renormalize: bool = _opt(False, "renormalise attention rows after masking the placeholder column")
-    loss_weight: float = _opt(0.01, "λ_attn: weight of the masked-attention loss (0 = off)")
-    mask_timesteps: list[int] = _opt([200, 400, 600], "timesteps at which the object mask is read")
-    mask_threshold: float = _opt(0.3, "threshold on the max-normalised object-word attention map")
+    loss_weight: float = _opt(0.01, "λ_attn: weight of the masked-attention loss (0 = off)", ge=0)
+    mask_timesteps: list[int] = _opt([200, 400, 600], "timesteps at which the object mask is read", ge=0)
+    mask_threshold: float = _opt(0.3, "threshold on the max-normalised object-word attention map", ge=0, le=1)
 
 
 @dataclass
@@ -71,15 +77,19 @@ class TrainConfig:
     reference_placeholder: str = _opt("[A]", "attribute token string for the reference")
     reference_mask: str | None = _opt(None, "attribute mask image instead of the attention-derived one")
     resolution: int | None = _opt(None, "working size (area ≈ resolution², sides multiples of 64); "
-                                  "null: the model's native size (SD v1: 512, tiny: 256)")
+                                  "null: the model's native size (SD v1: 512, tiny: 256)",
+                                  ge=64, le=MAX_RESOLUTION)
     out: str = _opt("outputs/train", "output folder: logs, checkpoints and export/")
-    max_steps: int = _opt(200, "optimisation steps (S2Edit §4.1)")
-    seed: int = _opt(0, "random seed")
+    max_steps: int = _opt(200, "optimisation steps (S2Edit §4.1)", ge=1, le=10**7)
+    seed: int = _opt(0, "random seed", ge=0, le=2**63 - 1)
     resume: bool = _opt(False, "continue from <out>/checkpoints/last.ckpt")
-    precision: str = _opt("auto", "Lightning precision: auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed")
-    accelerator: str = _opt("auto", "Lightning accelerator: auto, cpu, gpu")
-    image_log_every: int = _opt(50, "log input, reconstruction, masks and attention maps every N steps")
-    checkpoint_every: int = _opt(100, "also save <out>/checkpoints/last.ckpt every N steps (0: at end/error)")
+    precision: str = _opt("auto", "Lightning precision: auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed",
+                          choices=("auto", "32", "bf16-mixed"))
+    accelerator: str = _opt("auto", "Lightning accelerator: auto, cpu, gpu (= cuda)",
+                            choices=("auto", "cpu", "gpu", "cuda"))
+    image_log_every: int = _opt(50, "log input, reconstruction, masks and attention maps every N steps", ge=1)
+    checkpoint_every: int = _opt(100, "also save <out>/checkpoints/last.ckpt every N steps (0: at end/error)",
+                                 ge=0)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
@@ -87,64 +97,47 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------- editing
 
-
-@dataclass
-class NullTextConfig:
-    inner_steps: int = _opt(10, "Adam steps per timestep for the null embedding")
-    lr: float = _opt(1e-2, "initial learning rate, decayed as lr·(1 − i/100)")
-    early_stop: float = _opt(1e-5, "inner loop stops when loss < early_stop + i·early_stop_growth")
-    early_stop_growth: float = _opt(2e-5, "growth of the early-stop threshold per timestep")
-
-
-@dataclass
-class SPLConfig:
-    structure: bool = _opt(True, "optimise the Structure Preservation Loss")
-    color: bool = _opt(False, "optimise the Color Preservation Loss")
-    structure_weight: float = _opt(1e4, "λ_s")
-    color_weight: float = _opt(1e3, "λ_c (100–10000)")
-    iterations: int = _opt(100, "SGD iterations per refinement")
-    lr: float = _opt(1.0, "SGD learning rate")
-    momentum: float = _opt(0.9, "SGD momentum")
-    opt_schedule: float = _opt(0.8, "refine the predicted x0 at steps i/T >= this (1 = never in the loop)")
-    postprocess: bool = _opt(True, "refine the final decoded image against the input")
-    radius: int = _opt(5, "local window radius (11×11)")
-    eps: float = _opt(1e-4, "regulariser ε of the local linear model")
-    area: str = _opt("whole", "where the losses apply", ("whole", "masked"))
-    mask_words_source: list[str] = _opt([], "source-prompt words whose attention defines the mask")
-    mask_words_target: list[str] = _opt([], "target-prompt words whose attention defines the mask")
-    mask_threshold: float = _opt(0.5, "binarisation threshold of the attention mask")
-    mask_invert: bool = _opt(False, "apply the losses outside the mask instead")
-    mask_radius: int = _opt(1, "guided-filter radius at the first ×2 stage (+1 per stage)")
-    mask_eps: float = _opt(1e-2, "guided-filter ε for mask upsampling")
+METHODS = ("auto", "p2p", "virtual")
+INVERSIONS = ("null_text", "direct", "negative_prompt", "ddim")
 
 
 @dataclass
 class InferConfig:
     ckpt: str | None = _opt(None, "export folder written by train.py (omit for training-free editing)")
-    model: str = _opt(DEFAULT_MODEL, "base model without ckpt: hub id, folder, 'tiny', 'sd-v1-random'")
+    model: str = _opt(DEFAULT_MODEL, "base model without ckpt: hub id, folder, 'tiny', 'tiny-lcm', "
+                                     "'sd-v1-random'")
     image: str | None = _opt(None, "image to edit (default: the checkpoint's training image)")
     source: str | None = _opt(None, "source prompt (default: the checkpoint's prompt)")
-    target: list[str] = _opt([], "target prompt(s); repeat target=… for several edits in one batch")
+    target: list[str] = _opt([], "target prompt(s); repeat target=… for several edits in one batch",
+                             text=True)
     out: str = _opt("outputs/edit", "output folder")
     resolution: int | None = _opt(
         None,
         "working size (area ≈ resolution², sides multiples of 64); null: the checkpoint's training "
         "resolution, else the model's native size (SD v1: 512, tiny: 256)",
+        ge=64, le=MAX_RESOLUTION,
     )
-    seed: int = _opt(0, "random seed")
-    steps: int = _opt(50, "DDIM steps")
-    guidance: float = _opt(7.5, "classifier-free guidance scale (3.5–5.5 balances fidelity and editability)")
-    inversion: str = _opt("null_text", "inversion method", ("null_text", "negative_prompt", "ddim"))
-    mode: str = _opt("refine", "Prompt-to-Prompt word mapping", ("refine", "replace"))
-    cross_replace: float = _opt(0.8, "fraction of steps with cross-attention injection")
-    cross_replace_words: dict[str, float] = _opt({}, "per-word cross-attention schedules, e.g. {bangs: 0.4}")
-    self_replace: float = _opt(0.5, "fraction of steps with self-attention injection")
-    reweight: dict[str, float] = _opt({}, "scale words' cross-attention, e.g. {smiling: 2.0}")
-    blend_words: list[str] = _opt([], "LocalBlend words (source and target); empty = off")
-    blend_threshold: float = _opt(0.3, "LocalBlend mask threshold")
-    blend_start: float = _opt(0.2, "LocalBlend starts at this fraction of the steps")
+    seed: int = _opt(0, "random seed (virtual: the noise of every step)", ge=0, le=2**63 - 1)
+    method: str = _opt(
+        "auto", "editing method: p2p (inversion + Prompt-to-Prompt), virtual (training-free virtual "
+                "inversion, SPEC §9), auto (virtual without ckpt, p2p with ckpt)", choices=METHODS)
+    steps: int = _opt(50, "DDIM steps of the inversion and the p2p edit (virtual: virtual.steps)",
+                      ge=1, le=1000)
+    guidance: float = _opt(7.5, "classifier-free guidance of the p2p edit (3.5–5.5 balances fidelity and "
+                                "editability; virtual: virtual.*_guidance)", gt=0, le=100)
+    inversion: str = _opt("null_text", "inversion of the p2p method", choices=INVERSIONS)
     spatial_control: bool = _opt(True, "mask the placeholder's cross-attention by the object mask")
-    precision: str = _opt("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+    precision: str = _opt("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16",
+                          choices=("auto", "fp32", "bf16"))
     device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:1, …")
-    nti: NullTextConfig = field(default_factory=NullTextConfig)
-    spl: SPLConfig = field(default_factory=SPLConfig)
+    nti: NullTextSettings = field(default_factory=NullTextSettings)
+    p2p: P2PSettings = field(default_factory=P2PSettings)
+    virtual: VirtualSettings = field(default_factory=VirtualSettings)
+    spl: SPLSettings = field(default_factory=SPLSettings)
+    mask: MaskSettings = field(default_factory=MaskSettings)
+
+    def resolved_method(self) -> str:
+        """'auto' → virtual for training-free edits, p2p with an S2Edit checkpoint (the paper's editor)."""
+        if self.method != "auto":
+            return self.method
+        return "p2p" if self.ckpt is not None else "virtual"

@@ -1,68 +1,78 @@
-"""The editing pipeline (SPEC §3–§6): load a model once, then invert (cached) and edit many times.
+"""The editing pipeline (SPEC §3–§6, §9): load a model once, then invert (cached) and edit many times.
 
     editor = Editor.from_export("outputs/train/export")          # fine-tuned identity [I]
     editor = Editor.from_model("CompVis/stable-diffusion-v1-4")  # or training-free, the base model alone
-    inversion = editor.invert("photo.png", "a photo of a [I] woman")   # Null-text Inversion, cached
-    result = editor.edit(inversion, ["a photo of a [I] woman with bangs"])
+    inversion = editor.invert("photo.png", "a photo of a [I] woman", method="direct")   # cached
+    result = editor.edit(inversion, ["a photo of a [I] woman with bangs"], p2p=P2PSettings(...))
+    result = editor.edit_virtual("photo.png", "a photo of a cat", ["a photo of a tiger"])  # no inversion
     result.images  # (targets, 3, H, W) in [-1, 1]
 
-One edit denoises the batch [source P̃, target P*₁, …] from the inversion's z_T with classifier-free
-guidance, the unconditional input of every row being the inversion's per-step ∅_i. Attention is routed
-through one controller chain: spatial control of the placeholders (S2Edit Eq. 3), Prompt-to-Prompt
-injection (only the conditional target rows are edited), and an attention store (LocalBlend, masks and
-the attention maps handed back). From `opt_schedule` on, each target's predicted x0 is refined with
-SPL/CPL against the VAE round trip of the source and re-encoded (SPL, SPEC §5); the final images are
-refined once more against the input image.
+Two editing methods share one pipeline body (:meth:`Editor._run_plan`): plan → encode → loop with hooks
+→ decode → post-process → metrics.
 
-Preservation masks (`area="masked"`, SPEC §6) come from the same run, without a separate preview pass:
-until the first SPL step the run IS the loss-free edit (SPL has not touched any latent yet), so the
-attention maps of those steps are the preview's maps; the guide of a target mask is that target's
-decoded x̂0 at the first SPL step, the preview's current estimate of the edited image. Without in-loop
-SPL the maps of all steps and the raw final edit are used, i.e. exactly the preview.
+- ``p2p`` (:meth:`Editor.edit`): the batch [source P̃, target P*₁, …] is denoised from the inversion's
+  z_T with classifier-free guidance, the unconditional input of every row being the inversion's ∅_i;
+  Prompt-to-Prompt injection edits the targets; Direct Inversion's offsets keep the source on its
+  trajectory.
+- ``virtual`` (:meth:`Editor.edit_virtual`, SPEC §9): branches [source, targets…, mutual] start from one
+  seeded noise and are denoised by InfEdit's virtual inversion on an LCM (or DDIM) schedule, no
+  inversion at all.
+
+Attention is routed through one controller chain: spatial control of the placeholders (S2Edit Eq. 3),
+an attention store (maps as each layer computed them, before any injection), then the method's
+attention control. SPL/CPL refine each target's x̂0 from `opt_schedule` on (a step hook) and the final
+images once more against the input. Preservation masks (SPEC §6) come from a loss-free preview edit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from editkit.errors import InputError
 from editkit.images import load_image, load_mask
-from s2edit.attention import AttentionStore, ColumnMask, ControllerChain, SpatialControl, controlled_attention
-from s2edit.export import load_export
-from s2edit.inversion import (
-    DEFAULT_NTI,
-    METHODS,
-    DDIMSchedule,
-    Inversion,
-    NullTextSettings,
-    PlaceholderMask,
-    guided_noise,
-    load_or_invert,
-    predict_noise,
-    predicted_x0,
-    psnr,
-    weights_fingerprint,
+from s2edit.attention import AttentionStore, ColumnMask, ControllerChain, SpatialControl
+from s2edit.diffusion import DDIMSampler, DDIMSchedule, VirtualSampler, is_lcm
+from s2edit.engine import (
+    CallbackHook,
+    DenoisingRun,
+    LocalBlendHook,
+    OffsetHook,
+    ProgressHook,
+    RefineSettings,
+    SPLHook,
+    StepState,
+    denoise,
+    preservation_losses,
+    refine_images,
 )
-from s2edit.models import DEFAULT_MODEL, StableDiffusion, load_stable_diffusion
-from s2edit.p2p import PromptToPrompt, build_p2p
+from s2edit.export import load_export
+from s2edit.inversion import PlaceholderMask, load_or_invert, psnr, weights_fingerprint
+from s2edit.maps import attention_maps, loss_masks, preservation_masks
+from s2edit.models import StableDiffusion, load_stable_diffusion
+from s2edit.plan import EditPlan, Placeholder, plan_edit
+from s2edit.settings import (
+    DEFAULT_MODEL,
+    MaskSettings,
+    NullTextSettings,
+    P2PSettings,
+    SPLSettings,
+    VirtualSettings,
+)
 from s2edit.tokenizer import token_ids, word_token_indices
-from spl.losses import SPLReference, cpl_loss, spl_loss
-from spl.masks import binarize_attention, upsample_mask
-from spl.refine import refine
 
-AREAS = ("whole", "masked")
-MASK_LEVEL = 4  # the "16×16" cross-attention layers of SD at 512² (latent / 4): masks, LocalBlend, maps
-WORD_PATTERN = re.compile(r"\[[^\]\s]+\]|[\w'-]+")  # words of a prompt for attention maps; keeps "[I]"
+__all__ = ["EditResult", "Editor", "Placeholder", "resolve_device", "resolve_dtype"]
+
+StepCallback = Callable[[StepState], "dict[str, torch.Tensor] | None"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -91,163 +101,64 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
-class Placeholder:
-    """A learned token ([I], [A]) and the object mask of its spatial control (S2Edit Eq. 3)."""
-
-    text: str
-    mask: torch.Tensor | None  # (H, W) in [0, 1], any resolution (resized to each layer)
-    prompt: str = ""  # P̃ it was learned with
-    image: str = ""  # the image it was learned from
-
-
-@dataclass
 class EditResult:
     """Everything one edit produces. Images are (B, 3, H, W) in [-1, 1] on the CPU."""
 
+    method: str  # "p2p" or "virtual"
     prompts: list[str]  # [source, *targets]
     images: torch.Tensor  # (n, 3, H, W) the edits, post-processed when asked
     raw_images: torch.Tensor  # (n, 3, H, W) the decoded edits before post-processing
-    reconstruction: torch.Tensor  # (1, 3, H, W) the source branch: the inversion's reconstruction
+    reconstruction: torch.Tensor  # (1, 3, H, W) the source branch (p2p: the inversion's reconstruction)
     source: torch.Tensor  # (1, 3, H, W) the input image (preprocessed)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (H, W) in [0, 1]
     attention_maps: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per prompt: word → (h, w)
     metrics: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None  # (1 + n, C, h, w) final latents [source, *targets]
+    settings: dict[str, Any] = field(default_factory=dict)  # the typed settings used, as plain values
+    inversion: dict[str, Any] | None = None  # how the source was inverted (p2p), None for virtual
+
+    def to_report(self) -> dict[str, Any]:
+        """The edit's part of infer.py's `report.json` (JSON-ready): method, prompts, settings, inversion,
+        metrics and timings."""
+        return {
+            "method": self.method,
+            "source": self.prompts[0],
+            "targets": list(self.prompts[1:]),
+            "edit_settings": self.settings,
+            "inversion": self.inversion,
+            "metrics": self.metrics,
+            "timings": self.timings,
+        }
 
 
-def prompt_words(prompt: str) -> list[str]:
-    """Distinct words of a prompt (placeholders such as "[I]" kept whole), in order."""
-    return list(dict.fromkeys(WORD_PATTERN.findall(prompt)))
-
-
-def word_maps(maps: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(h, w, K) token maps → (words, h, w): each word's map is the sum of its tokens' columns."""
-    return torch.stack([maps[..., list(p)].sum(dim=-1) for p in positions])
-
-
-def placeholders_in(tokenizer: Any, placeholders: Sequence[Placeholder], prompt: str) -> list[Placeholder]:
-    """The placeholders that occur in `prompt`."""
-    found = []
-    for placeholder in placeholders:
-        try:
-            word_token_indices(tokenizer, prompt, placeholder.text)
-        except InputError:
-            continue
-        found.append(placeholder)
-    return found
-
-
-def _require_word(tokenizer: Any, word: str, prompt: str, option: str) -> None:
-    try:
-        word_token_indices(tokenizer, prompt, word)
-    except InputError:
+def _check_image_tensor(image: object, multiple: int) -> torch.Tensor:
+    """An image tensor from a Python caller: (1, 3, H, W) floating point in [-1, 1], finite, sides
+    multiples of `multiple`; refused in one line naming what is wrong."""
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"image must be a path or a (1, 3, H, W) tensor, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if image.dim() != 4 or shape[:2] != (1, 3) or any(side % multiple for side in shape[-2:]):
         raise InputError(
-            f"{option} word '{word}' is not in the prompt '{prompt}': use a word of that prompt"
-        ) from None
-
-
-def blend_words_per_prompt(
-    tokenizer: Any, prompts: Sequence[str], words: Sequence[str]
-) -> list[list[str]] | None:
-    """The flat LocalBlend word list → the words present in each prompt [source, *targets] (P2P's form);
-    a word in none of them is refused."""
-    if not words:
-        return None
-    per_prompt: list[list[str]] = [[] for _ in prompts]
-    for word in words:
-        found = False
-        for row, prompt in enumerate(prompts):
-            try:
-                word_token_indices(tokenizer, prompt, word)
-            except InputError:
-                continue
-            per_prompt[row].append(word)
-            found = True
-        if not found:
-            raise InputError(
-                f"blend word '{word}' is in neither the source nor a target prompt ({' | '.join(prompts)}): "
-                "use a word of them"
-            )
-    return per_prompt
-
-
-def check_edit_inputs(
-    tokenizer: Any,
-    placeholders: Sequence[Placeholder],
-    source: str,
-    targets: Sequence[str],
-    num_steps: int = 50,
-    mode: str = "refine",
-    cross_replace: float = 0.8,
-    cross_replace_words: Mapping[str, float] | None = None,
-    self_replace: float = 0.5,
-    reweight: Mapping[str, float] | None = None,
-    blend_words: Sequence[str] = (),
-    blend_threshold: float = 0.3,
-    blend_start: float = 0.2,
-    iterations: int = 100,
-    opt_schedule: float = 0.8,
-    structure_weight: float = 1e4,
-    color_weight: float = 1e3,
-    area: str = "whole",
-    mask_words_source: Sequence[str] = (),
-    mask_words_target: Sequence[str] = (),
-    mask_threshold: float = 0.5,
-) -> PromptToPrompt:
-    """Refuse every user mistake of an edit before any model call, naming the bad value (STYLE habit 5).
-
-    Needs only a tokenizer that knows the placeholders, so scripts can call it before loading a model.
-    Each target must contain the placeholders of the source prompt (or, when it has none, the
-    checkpoint's first one). Returns the edit's Prompt-to-Prompt controller.
-    """
-    if isinstance(targets, str) or not targets or not all(str(t).strip() for t in targets):
-        raise InputError(f"target={targets!r} must be one or more non-empty prompts")
-    for prompt in (source, *targets):
-        token_ids(tokenizer, prompt)  # over-long prompts are refused, never truncated
-    required = placeholders_in(tokenizer, placeholders, source) or list(placeholders[:1])
-    for target in targets:
-        present = placeholders_in(tokenizer, placeholders, target)
-        for placeholder in required:
-            if placeholder not in present:
-                raise InputError(
-                    f"target '{target}' does not contain the placeholder {placeholder.text} of the "
-                    f"checkpoint: write it where the subject is, as in '{placeholder.prompt}'"
-                )
-    if area not in AREAS:
-        raise InputError(f"spl.area='{area}' must be one of {', '.join(AREAS)}")
-    if area == "masked" and not (mask_words_source or mask_words_target):
-        raise InputError(
-            "spl.area=masked needs mask words: set spl.mask_words_source and/or spl.mask_words_target"
+            f"image tensor of shape {shape} must be (1, 3, H, W) with H, W multiples of {multiple}"
         )
-    for word in mask_words_source:
-        _require_word(tokenizer, word, source, "spl.mask_words_source")
-    for word in mask_words_target:
-        for target in targets:
-            _require_word(tokenizer, word, target, "spl.mask_words_target")
-    for name, value in (("spl.opt_schedule", opt_schedule), ("spl.mask_threshold", mask_threshold)):
-        if not 0.0 <= value <= 1.0:
-            raise InputError(f"{name}={value} must be in [0, 1]")
-    if iterations < 0 or structure_weight < 0 or color_weight < 0:
-        raise InputError(
-            f"spl.iterations={iterations} and the SPL/CPL weights ({structure_weight}, {color_weight}) "
-            "must be >= 0"
-        )
-    blend = blend_words_per_prompt(tokenizer, [source, *targets], blend_words)
-    return build_p2p(
-        tokenizer,
-        source,
-        list(targets),
-        num_steps,
-        mode,
-        cross_replace,
-        cross_replace_words,
-        self_replace,
-        reweight,
-        blend,
-        blend_threshold,
-        blend_start,
-    )
+    if not image.is_floating_point():
+        raise InputError(f"image tensor of dtype {image.dtype} must be floating point in [-1, 1] "
+                         "(convert uint8 with x / 127.5 − 1)")
+    if not bool(torch.isfinite(image).all()):
+        raise InputError("image tensor contains NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < -1.001 or high > 1.001:
+        raise InputError(f"image tensor values lie in [{low:.3g}, {high:.3g}], not in [-1, 1] "
+                         "(a [0, 255] image must be scaled: x / 127.5 − 1)")
+    return image.detach().float().clamp(-1, 1)
+
+
+def _check_guidance(name: str, value: object) -> float:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{name}={value!r} must be a finite number > 0")
+    return float(value)
 
 
 class Editor:
@@ -262,6 +173,9 @@ class Editor:
         progress: show progress bars.
         resolution: working size of images loaded from files (area ≈ resolution²); default: the model's
             native size (:meth:`from_export`: the size the export was trained at).
+
+    One editor may serve several threads (a web app): runs on its model are serialised by a lock, and
+    every run builds its own controllers, schedules and stores.
     """
 
     def __init__(
@@ -281,6 +195,7 @@ class Editor:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.renormalize = renormalize
         self.progress = progress
+        self._lock = threading.RLock()
         for module in (sd.unet, sd.vae, sd.text_encoder):
             module.requires_grad_(False)
 
@@ -330,7 +245,8 @@ class Editor:
         progress: bool = True,
         resolution: int | None = None,
     ) -> Editor:
-        """Training-free editing with a base model (hub id, diffusers folder, 'tiny', 'sd-v1-random')."""
+        """Training-free editing with a base model (hub id, diffusers folder, 'tiny', 'tiny-lcm',
+        'sd-v1-random')."""
         torch_device = resolve_device(device)
         sd = load_stable_diffusion(
             model, device=torch_device, dtype=resolve_dtype(precision, torch_device), seed=seed
@@ -348,25 +264,31 @@ class Editor:
         kept, sides multiples of what the model needs (64 for SD)."""
         return load_image(path, resolution or self.resolution, multiple=self.sd.size_multiple)
 
-    def placeholders_in(self, prompt: str) -> list[Placeholder]:
-        return placeholders_in(self.tokenizer, self.placeholders, prompt)
+    def _image(self, image: torch.Tensor | str | Path, resolution: int | None = None) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            return self.load_image(image, resolution)
+        return _check_image_tensor(image, self.sd.size_multiple)
 
     def placeholder_masks(self, prompt: str) -> list[PlaceholderMask]:
         """(token position, mask) of every placeholder with a mask in `prompt` (spatial control)."""
-        return [
-            (position, p.mask)
-            for p in self.placeholders_in(prompt)
-            if p.mask is not None
-            for position in word_token_indices(self.tokenizer, prompt, p.text)
-        ]
+        masks = []
+        for placeholder in self.placeholders:
+            if placeholder.mask is None:
+                continue
+            try:
+                positions = word_token_indices(self.tokenizer, prompt, placeholder.text)
+            except InputError:
+                continue
+            masks += [(position, placeholder.mask) for position in positions]
+        return masks
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.sd.decode_latents(latents.to(self.sd.vae.dtype)).float()
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return self.sd.encode_image(images.to(self.sd.vae.dtype)).float()
+            return self.sd.encode_image(images.to(self.sd.vae.dtype), generator).float()
 
     # ------------------------------------------------------------------------------------ inversion
 
@@ -378,369 +300,380 @@ class Editor:
         method: str = "null_text",
         steps: int = 50,
         guidance: float = 7.5,
-        nti: NullTextSettings = DEFAULT_NTI,
+        nti: NullTextSettings | None = None,
         spatial_control: bool = True,
         resolution: int | None = None,
-    ) -> Inversion:
+    ) -> Any:
         """Invert an image (path or (1, 3, H, W) in [-1, 1]) under the source prompt P̃ (SPEC §3).
 
-        Reuses the cache entry of an identical earlier call (`Inversion.cached`). With `spatial_control`
-        the placeholders of `prompt` are masked exactly as in the edit's source branch. A path is loaded
-        at `resolution` (default: :attr:`resolution`).
+        `method`: null_text, direct, negative_prompt or ddim. Reuses the cache entry of an identical
+        earlier call (`Inversion.cached`). With `spatial_control` the placeholders of `prompt` are
+        masked exactly as in the edit's source branch. A path is loaded at `resolution` (default:
+        :attr:`resolution`).
         """
-        if method not in METHODS:
-            raise InputError(f"inversion method '{method}' must be one of {', '.join(METHODS)}")
-        if steps < 1:
-            raise InputError(f"steps={steps} must be >= 1")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"prompt={prompt!r} must be a non-empty string describing the image")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps={steps!r} must be a positive number of DDIM steps")
+        guidance = _check_guidance("guidance", guidance)
+        nti = nti if nti is not None else NullTextSettings()
+        if not isinstance(nti, NullTextSettings):
+            raise InputError(f"nti={nti!r} must be a NullTextSettings")
         token_ids(self.tokenizer, prompt)
-        if not isinstance(image, torch.Tensor):
-            image = self.load_image(image, resolution)
-        multiple = self.sd.size_multiple
-        if image.dim() != 4 or image.shape[:2] != (1, 3) or any(side % multiple for side in image.shape[-2:]):
-            raise InputError(
-                f"image tensor of shape {tuple(image.shape)} must be (1, 3, H, W) with H, W "
-                f"multiples of {multiple}"
+        image = self._image(image, resolution)
+        with self._lock:
+            return load_or_invert(
+                self.sd,
+                image,
+                prompt,
+                self.cache_dir,
+                self.weights,
+                method,
+                steps,
+                guidance,
+                nti,
+                self.placeholder_masks(prompt) if spatial_control else (),
+                self.renormalize,
+                self.progress,
             )
-        return load_or_invert(
-            self.sd,
-            image,
-            prompt,
-            self.cache_dir,
-            self.weights,
-            method,
-            steps,
-            guidance,
-            nti,
-            self.placeholder_masks(prompt) if spatial_control else (),
-            self.renormalize,
-            self.progress,
+
+    # ------------------------------------------------------------------------------------ plans
+
+    def plan(
+        self,
+        source: str,
+        targets: Sequence[str],
+        *,
+        method: str = "p2p",
+        steps: int | None = 50,
+        p2p: P2PSettings | None = None,
+        virtual: VirtualSettings | None = None,
+        spl: SPLSettings | None = None,
+        masks: MaskSettings | None = None,
+    ) -> EditPlan:
+        """:func:`s2edit.plan.plan_edit` with this editor's tokenizer and placeholders."""
+        return plan_edit(
+            self.tokenizer, self.placeholders, source, targets, method=method, steps=steps,
+            p2p=p2p, virtual=virtual, spl=spl, masks=masks,
         )
 
-    # ------------------------------------------------------------------------------------ editing
+    def _checked_plan(self, plan: EditPlan, method: str, source: str) -> EditPlan:
+        """A plan made elsewhere (e.g. with the offline tokenizer before the model was loaded): confirm it
+        fits this edit and this model's tokenizer, else re-make it with the model's tokenizer."""
+        if plan.method != method:
+            raise InputError(f"the plan is for method '{plan.method}', not '{method}'")
+        if plan.source != source:
+            raise InputError(f"the plan's source prompt '{plan.source}' is not the source '{source}'")
+        if plan.matches(self.tokenizer):
+            return plan
+        return self.plan(
+            plan.source, plan.targets, method=plan.method, steps=plan.steps,
+            p2p=plan.p2p, virtual=plan.virtual, spl=plan.spl, masks=plan.masks,
+        )
 
-    def check_inputs(
-        self, source: str, targets: Sequence[str], num_steps: int = 50, **options: Any
-    ) -> PromptToPrompt:
-        """:func:`check_edit_inputs` with this editor's tokenizer and placeholders."""
-        return check_edit_inputs(self.tokenizer, self.placeholders, source, targets, num_steps, **options)
+    def _columns(self, plan: EditPlan, rows_of_prompt: Callable[[int], Sequence[int]]) -> list[ColumnMask]:
+        """Spatial-control columns of the plan's placeholders, at the batch rows of each prompt row."""
+        masks = {p.text: p.mask for p in self.placeholders if p.mask is not None}
+        return [
+            ColumnMask(row, column.position, masks[column.placeholder])
+            for column in plan.spatial
+            if column.placeholder in masks
+            for row in rows_of_prompt(column.row)
+        ]
 
-    def _spatial_columns(self, prompts: Sequence[str], rows: Sequence[int], source: str) -> list[ColumnMask]:
-        """Spatial control of the placeholders of the SOURCE prompt, wherever they occur in the batch.
-
-        Their masks are drawn on the source image; a placeholder met only in targets (a compositional
-        [A]) was learned on a reference image, so its mask does not fit this layout and is not applied.
-        """
-        controlled = {p.text for p in self.placeholders_in(source) if p.mask is not None}
-        columns = []
-        for prompt, row in zip(prompts, rows):
-            for placeholder in self.placeholders_in(prompt):
-                if placeholder.text in controlled:
-                    positions = word_token_indices(self.tokenizer, prompt, placeholder.text)
-                    columns += [ColumnMask(row, position, placeholder.mask) for position in positions]
-        return columns
+    # ------------------------------------------------------------------------------------ p2p
 
     def edit(
         self,
-        inversion: Inversion,
-        targets: Sequence[str],
+        inversion: Any,
+        targets: Sequence[str] | EditPlan,
         *,
-        mode: str = "refine",
-        cross_replace: float = 0.8,
-        cross_replace_words: Mapping[str, float] | None = None,
-        self_replace: float = 0.5,
-        reweight: Mapping[str, float] | None = None,
-        blend_words: Sequence[str] = (),
-        blend_threshold: float = 0.3,
-        blend_start: float = 0.2,
+        p2p: P2PSettings | None = None,
+        spl: SPLSettings | None = None,
+        masks: MaskSettings | None = None,
         spatial_control: bool = True,
-        structure: bool = True,
-        color: bool = False,
-        structure_weight: float = 1e4,
-        color_weight: float = 1e3,
-        iterations: int = 100,
-        spl_lr: float = 1.0,
-        momentum: float = 0.9,
-        opt_schedule: float = 0.8,
-        postprocess: bool = True,
-        radius: int = 5,
-        eps: float = 1e-4,
-        area: str = "whole",
-        mask_words_source: Sequence[str] = (),
-        mask_words_target: Sequence[str] = (),
-        mask_threshold: float = 0.5,
-        mask_invert: bool = False,
-        mask_radius: int = 1,
-        mask_eps: float = 1e-2,
+        callback: StepCallback | None = None,
     ) -> EditResult:
         """Edit the inverted image towards each target prompt in one batch (SPEC §4–§6).
 
-        Prompt-to-Prompt: `mode` (refine | replace), `cross_replace` (+ per-word `cross_replace_words`),
-        `self_replace`, `reweight`, LocalBlend (`blend_words`, `blend_threshold`, `blend_start`).
-        SPL: `structure` / `color` switch the losses (weights, `iterations`, `spl_lr`, `momentum`, `radius`,
-        `eps`), `opt_schedule` the first in-loop step (i/T ≥ it; 1 = never), `postprocess` the final
-        refinement against the input; `area="masked"` applies them inside the cross-attention mask of
-        `mask_words_source` / `mask_words_target` (or outside it with `mask_invert`).
+        `targets`: the target prompts, or a plan made by :meth:`plan` (then its settings are used).
+        `callback(state)` runs after every step and may return new "latents" (like diffusers'
+        `callback_on_step_end`).
         """
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        sd, device = self.sd, self.sd.device
+        from s2edit.inversion import Inversion
 
-        # 1. Check inputs
-        targets = list(targets)
-        prompts = [inversion.prompt, *targets]
-        options = {
-            "mode": mode,
-            "cross_replace": cross_replace,
-            "cross_replace_words": cross_replace_words,
-            "self_replace": self_replace,
-            "reweight": reweight,
-            "blend_words": blend_words,
-            "blend_threshold": blend_threshold,
-            "blend_start": blend_start,
-            "iterations": iterations,
-            "opt_schedule": opt_schedule,
-            "structure_weight": structure_weight,
-            "color_weight": color_weight,
-            "area": area,
-            "mask_words_source": mask_words_source,
-            "mask_words_target": mask_words_target,
-            "mask_threshold": mask_threshold,
+        if not isinstance(inversion, Inversion):
+            raise InputError(
+                f"inversion must be an Inversion from Editor.invert, got {type(inversion).__name__}"
+            )
+        if isinstance(targets, EditPlan):
+            plan = self._checked_plan(targets, "p2p", inversion.prompt)
+        else:
+            plan = self.plan(inversion.prompt, targets, steps=inversion.steps, p2p=p2p, spl=spl, masks=masks)
+        if plan.steps != inversion.steps:
+            raise InputError(f"the plan has {plan.steps} steps but the inversion {inversion.steps}: "
+                             "plan with the inversion's steps")
+        device = self.sd.device
+        n_rows = 1 + plan.n_targets
+
+        def make_run() -> DenoisingRun:
+            """[source, targets…] from z_T, ∅_i per step, P2P, Direct Inversion's offsets."""
+            store = AttentionStore()
+            columns: list[ColumnMask] = []
+            if spatial_control:
+                columns = self._columns(plan, lambda r: [n_rows + r])  # conditional half
+                if inversion.null_is_prompt:  # ∅ = P̃: its placeholders are controlled as in inversion
+                    columns += self._columns(plan, lambda r: range(n_rows) if r == 0 else [])
+            cond = self.sd.encode_prompt(plan.prompts).float()
+            hooks = [OffsetHook(inversion.offsets)] if inversion.offsets is not None else []
+            blend = plan.local_blend()
+            if blend is not None:
+                hooks.append(LocalBlendHook(blend, store))
+            return DenoisingRun(
+                sampler=DDIMSampler(DDIMSchedule.from_scheduler(self.sd.scheduler, plan.steps)),
+                latents=inversion.z_T.to(device).float().expand(n_rows, -1, -1, -1).clone(),
+                cond=cond,
+                uncond=lambda i: inversion.null_embedding(i).to(device).expand(n_rows, -1, -1),
+                guidance=torch.full((n_rows,), float(inversion.guidance)),
+                controller=ControllerChain(
+                    [SpatialControl(columns, self.renormalize), store, plan.controller()]
+                ),
+                store=store,
+                source_row=0,
+                target_rows=list(range(1, n_rows)),
+                hooks=hooks,
+            )
+
+        info = {
+            "method": inversion.method,
+            "cached": inversion.cached,
+            "key": inversion.key,
+            "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+            "compute_seconds": inversion.seconds,
+            "steps": inversion.steps,
+            "guidance": inversion.guidance,
+            "updates": sum(inversion.inner_steps),
+            "final_loss": inversion.losses[-1] if inversion.losses else None,
         }
-        p2p = check_edit_inputs(
-            self.tokenizer, self.placeholders, inversion.prompt, targets, inversion.steps, **options
+        z0 = inversion.z0.to(device)
+        return self._run_plan(plan, make_run, inversion.image.to(device), z0, callback, info)
+
+    # ------------------------------------------------------------------------------------ virtual
+
+    def edit_virtual(
+        self,
+        image: torch.Tensor | str | Path,
+        source: str,
+        targets: Sequence[str] | EditPlan,
+        *,
+        virtual: VirtualSettings | None = None,
+        spl: SPLSettings | None = None,
+        masks: MaskSettings | None = None,
+        seed: int = 0,
+        spatial_control: bool = True,
+        callback: StepCallback | None = None,
+        resolution: int | None = None,
+    ) -> EditResult:
+        """Training-free edit by virtual inversion (InfEdit's DDCM, SPEC §9): no inversion, `virtual.steps`
+        steps (LCM timesteps on an LCM model), every target in one batch with the mutual branch.
+
+        The same `seed` gives the same edit on any device. Arguments as :meth:`edit`; `image` a path
+        (loaded at `resolution`) or a (1, 3, H, W) tensor in [-1, 1].
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InputError(f"seed={seed!r} must be an integer >= 0")
+        if isinstance(targets, EditPlan):
+            plan = self._checked_plan(targets, "virtual", source)
+        else:
+            plan = self.plan(source, targets, method="virtual", virtual=virtual, spl=spl, masks=masks)
+        image = self._image(image, resolution).to(self.sd.device)
+        settings = plan.virtual
+        n_rows = plan.n_targets + 2  # [S, T…, M]
+        if is_lcm(self.sd.scheduler_config):
+            schedule = DDIMSchedule.lcm(self.sd.scheduler_config, plan.steps)
+        else:
+            schedule = DDIMSchedule.from_scheduler(self.sd.scheduler, plan.steps)
+        sample_generator = torch.Generator().manual_seed(seed) if settings.image_latent == "sample" else None
+        with self._lock:
+            z0 = self._encode(image, sample_generator)  # (1, C, h, w)
+            cond = self.sd.encode_prompt([*plan.prompts, plan.source]).float()
+            empty = self.sd.encode_prompt([""]).float().expand(n_rows, -1, -1)
+        guidance = torch.tensor(
+            [settings.source_guidance, *[settings.target_guidance] * plan.n_targets, settings.source_guidance]
         )
-        n_rows, n_targets = len(prompts), len(targets)
-        weights = {
-            "structure_weight": structure_weight if structure else 0.0,
-            "color_weight": color_weight if color else 0.0,
-        }
-        spl_on = iterations > 0 and any(weights.values())
 
-        # 2. Encode the prompts
-        with torch.no_grad():
-            cond = sd.encode_prompt(prompts).float()  # (1 + n, L, D)
-        null_rows = range(n_rows) if inversion.null_prompt == inversion.prompt else ()
-
-        # 3. DDIM schedule and initial latents: every row starts from the inversion's z_T
-        schedule = DDIMSchedule.from_scheduler(sd.scheduler, inversion.steps)
-        num_steps = len(schedule)
-        latents = inversion.z_T.to(device).float().expand(n_rows, -1, -1, -1).clone()  # (1 + n, C, h, w)
-        spl_steps = [i for i in range(num_steps) if i / num_steps >= opt_schedule] if spl_on else []
-
-        # 4. Attention control: spatial control, Prompt-to-Prompt, attention store (one chain, all layers)
-        store = AttentionStore(levels=(MASK_LEVEL,))
-        controllers = [p2p, store]
-        if spatial_control:
-            columns = self._spatial_columns(prompts, [n_rows + r for r in range(n_rows)], inversion.prompt)
-            # ∅ = the source prompt itself (negative_prompt): its placeholder is controlled as in inversion
-            columns += self._spatial_columns(
-                [inversion.prompt] * len(null_rows), list(null_rows), inversion.prompt
+        def make_run() -> DenoisingRun:
+            """Branches from one seeded noise; the same seed gives the same noise in every run."""
+            generator = torch.Generator().manual_seed(seed)
+            if sample_generator is not None:  # the posterior sample came first in the seeded stream
+                torch.randn(z0.shape, generator=generator)
+            sampler = VirtualSampler(schedule, z0, generator, settings.eta, source_row=0)
+            store = AttentionStore()
+            columns: list[ColumnMask] = []
+            if spatial_control:  # prompt row 0 is both S and M; uncond "" has no placeholder
+                columns = self._columns(plan, lambda r: [n_rows, 2 * n_rows - 1] if r == 0 else [n_rows + r])
+            blend = plan.local_blend()
+            return DenoisingRun(
+                sampler=sampler,
+                latents=sampler.noise_like(z0).expand(n_rows, -1, -1, -1).clone(),
+                cond=cond,
+                uncond=lambda i: empty,
+                guidance=guidance,
+                controller=ControllerChain(
+                    [SpatialControl(columns, self.renormalize), store, plan.controller()]
+                ),
+                store=store,
+                source_row=0,
+                target_rows=list(range(1, n_rows - 1)),
+                hooks=[LocalBlendHook(blend, store)] if blend is not None else [],
             )
-            controllers.insert(0, SpatialControl(columns, self.renormalize))
-        controller = ControllerChain(controllers)
-        controller.conditional_rows = slice(n_rows, 2 * n_rows)  # batch = [uncond × (1 + n), cond × (1 + n)]
 
-        # 5. SPL reference: the VAE round trip of the source (the in-loop edits are decoded through it too)
-        source_image = inversion.image.to(device)
-        round_trip = self._decode(inversion.z0.to(device))
-        masks: dict[str, torch.Tensor] = {}
-        loss_mask: torch.Tensor | None = None  # (n, 1, H, W), None = whole image
-        want_masks = bool(mask_words_source or mask_words_target)
-        mask_args = (mask_words_source, mask_words_target, mask_threshold, mask_invert, mask_radius, mask_eps)
-        in_loop: list[dict[str, Any]] = []
-        timings["prepare"] = time.perf_counter() - start
+        return self._run_plan(plan, make_run, image, z0, callback, None)
 
-        # 6. Denoising loop
-        spl_seconds = 0.0
-        loop_start = time.perf_counter()
-        bar = tqdm(range(num_steps), desc="editing", disable=not self.progress, leave=False)
-        with controlled_attention(sd.unet, controller), torch.no_grad():
-            for i in bar:
-                controller.step = i
-                t = schedule.timesteps[i]
-                alpha, alpha_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
-                uncond = inversion.null_embedding(i).to(device).expand(n_rows, -1, -1)
-                noise = predict_noise(
-                    sd.unet,
-                    torch.cat([latents, latents]),
-                    t,
-                    torch.cat([uncond, cond]),
-                    alpha,
-                    schedule.prediction_type,
-                )
-                noise = guided_noise(noise[:n_rows], noise[n_rows:], inversion.guidance)  # (1 + n, C, h, w)
-                x0 = predicted_x0(latents, noise, alpha)
+    # ------------------------------------------------------------------------------------ the pipeline
 
-                # 6a. SPL in the loop (targets only): decode x̂0, refine against the source, re-encode
-                if i in spl_steps:
-                    spl_start = time.perf_counter()
-                    decoded = self._decode(x0[1:])
-                    if want_masks and not masks:
-                        masks = self._masks(store, prompts, source_image, decoded, range(i + 1), *mask_args)
-                        loss_mask = self._loss_mask(masks, n_targets) if area == "masked" else None
-                    refined = refine(
-                        round_trip,
-                        decoded,
-                        loss_mask,
-                        iterations=iterations,
-                        lr=spl_lr,
-                        momentum=momentum,
-                        radius=radius,
-                        eps=eps,
-                        **weights,
-                    )
-                    in_loop.append(
-                        {
-                            "step": i,
-                            "before": self._losses(round_trip, decoded, loss_mask, radius, eps, weights),
-                            "after": self._losses(round_trip, refined, loss_mask, radius, eps, weights),
-                        }
-                    )
-                    x0 = torch.cat([x0[:1], self._encode(refined)])
-                    spl_seconds += time.perf_counter() - spl_start
+    def _run_plan(
+        self,
+        plan: EditPlan,
+        make_run: Callable[[], DenoisingRun],
+        source_image: torch.Tensor,
+        z0: torch.Tensor,
+        callback: StepCallback | None,
+        inversion_info: dict[str, Any] | None,
+    ) -> EditResult:
+        """The pipeline body shared by every method: masks → loop with hooks → decode → post-process →
+        metrics. `source_image` (1, 3, H, W) is the input; `z0` its clean latent."""
+        with self._lock:
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            spl, mask_settings = plan.spl, plan.masks
 
-                # 6b. DDIM step with x̂0 (refined for the targets) and the same ε̂, then LocalBlend
-                latents = math.sqrt(alpha_prev) * x0 + math.sqrt(1 - alpha_prev) * noise
-                if p2p.local_blend is not None:
-                    latents = p2p.local_blend(latents, store, step=i)
-        timings["denoise"] = time.perf_counter() - loop_start - spl_seconds
-        timings["spl_in_loop"] = spl_seconds
-
-        # 7. Decode and post-process against the input image
-        decode_start = time.perf_counter()
-        decoded = self._decode(latents)  # (1 + n, 3, H, W)
-        reconstruction, raw = decoded[:1], decoded[1:]
-        timings["decode"] = time.perf_counter() - decode_start
-        mask_start = time.perf_counter()
-        if want_masks and not masks:
-            masks = self._masks(store, prompts, source_image, raw, range(num_steps), *mask_args)
-            loss_mask = self._loss_mask(masks, n_targets) if area == "masked" else None
-        timings["masks"] = time.perf_counter() - mask_start
-        post_start = time.perf_counter()
-        final = raw
-        if postprocess and spl_on:
-            final = refine(
-                source_image,
-                raw,
-                loss_mask,
-                iterations=iterations,
-                lr=spl_lr,
-                momentum=momentum,
-                radius=radius,
-                eps=eps,
-                **weights,
+            # 1. SPL settings and references: the VAE round trip (in the loop), the input (post-processing)
+            refine_settings = RefineSettings(
+                structure_weight=spl.structure_weight if spl.structure else 0.0,
+                color_weight=spl.color_weight if spl.color else 0.0,
+                iterations=spl.iterations, lr=spl.lr, momentum=spl.momentum, radius=spl.radius, eps=spl.eps,
             )
-        timings["postprocess"] = time.perf_counter() - post_start
+            round_trip = self._decode(z0)
+            spl_steps = plan.spl_steps()
+            masks: dict[str, torch.Tensor] = {}
+            timings["prepare"] = time.perf_counter() - start
 
-        # 8. Metrics and attention maps
-        before = self._losses(source_image, raw, loss_mask, radius, eps, weights)
-        after = self._losses(source_image, final, loss_mask, radius, eps, weights)
-        metrics: dict[str, Any] = {
-            "reconstruction_psnr": psnr(reconstruction, source_image),
-            "vae_round_trip_psnr": psnr(round_trip, source_image),
-            "targets": [
-                {
-                    "prompt": target,
-                    "spl_loss_before": before["spl"][k],
-                    "spl_loss_after": after["spl"][k],
-                    "cpl_loss_before": before["cpl"][k],
-                    "cpl_loss_after": after["cpl"][k],
-                }
-                for k, target in enumerate(targets)
-            ],
-            "spl_in_loop": in_loop,
-        }
-        attention_maps = self._attention_maps(store, prompts)
-        timings["total"] = time.perf_counter() - start
+            # 2. Preservation masks from a loss-free preview edit, when SPL changes the main run's path
+            preview_start = time.perf_counter()
+            if mask_settings.wanted and mask_settings.inputs == "preview" and spl_steps:
+                preview = make_run()
+                state = denoise(self.sd.unet, preview, [ProgressHook(plan.steps, "preview", self.progress)])
+                decoded = self._decode(preview.sampler.result(state.latents, state.x0)[preview.target_rows])
+                masks = self._masks(plan, preview.store, None, source_image, decoded)
+            timings["preview"] = time.perf_counter() - preview_start
+
+            # 3. Denoising loop with hooks: SPL in the loop, progress, the user's callback
+            run = make_run()
+
+            def masks_in_loop(state: StepState, decoded: torch.Tensor) -> tuple[Any, Any]:
+                nonlocal masks
+                if mask_settings.wanted and not masks:  # in_loop: maps so far, this step's x̂0 as guide
+                    masks = self._masks(plan, run.store, state.step, source_image, decoded)
+                return self._loss_masks(plan, masks)
+
+            spl_hook = SPLHook(
+                spl_steps, round_trip, refine_settings, self._decode, self._encode, masks_in_loop
+            )
+            hooks = [spl_hook, ProgressHook(plan.steps, "editing", self.progress)]
+            if callback is not None:
+                hooks.append(CallbackHook(callback))
+            loop_start = time.perf_counter()
+            state = denoise(self.sd.unet, run, hooks)
+            timings["denoise"] = time.perf_counter() - loop_start - spl_hook.seconds
+            timings["spl_in_loop"] = spl_hook.seconds
+
+            # 4. Decode the source branch and the targets
+            decode_start = time.perf_counter()
+            rows = [run.source_row, *run.target_rows]
+            latents = run.sampler.result(state.latents, state.x0)[rows]
+            decoded = self._decode(latents)
+            reconstruction, raw = decoded[:1], decoded[1:]
+            timings["decode"] = time.perf_counter() - decode_start
+
+            # 5. Masks of this run (it is the loss-free preview when SPL never acted in the loop)
+            mask_start = time.perf_counter()
+            if mask_settings.wanted and not masks:
+                masks = self._masks(plan, run.store, None, source_image, raw)
+            structure_mask, color_mask = self._loss_masks(plan, masks)
+            timings["masks"] = time.perf_counter() - mask_start
+
+            # 6. Post-processing against the input image
+            post_start = time.perf_counter()
+            final = raw
+            if spl.postprocess and spl.active:
+                final = refine_images(source_image, raw, refine_settings, structure_mask, color_mask)
+            timings["postprocess"] = time.perf_counter() - post_start
+
+            # 7. Metrics and attention maps
+            before = preservation_losses(source_image, raw, refine_settings, structure_mask, color_mask)
+            after = preservation_losses(source_image, final, refine_settings, structure_mask, color_mask)
+            metrics: dict[str, Any] = {
+                "reconstruction_psnr": psnr(reconstruction, source_image),
+                "vae_round_trip_psnr": psnr(round_trip, source_image),
+                "targets": [
+                    {
+                        "prompt": target,
+                        "spl_loss_before": before["spl"][k],
+                        "spl_loss_after": after["spl"][k],
+                        "cpl_loss_before": before["cpl"][k],
+                        "cpl_loss_after": after["cpl"][k],
+                    }
+                    for k, target in enumerate(plan.targets)
+                ],
+                "spl_in_loop": spl_hook.records,
+            }
+            maps = attention_maps(run.store.average()[: len(plan.prompts)], plan.words, plan.word_positions)
+            timings["total"] = time.perf_counter() - start
+        method_settings = plan.virtual if plan.method == "virtual" else plan.p2p
         return EditResult(
-            prompts=prompts,
+            method=plan.method,
+            prompts=plan.prompts,
             images=final.cpu(),
             raw_images=raw.cpu(),
             reconstruction=reconstruction.cpu(),
-            source=inversion.image,
+            source=source_image.cpu(),
             masks={k: v.cpu() for k, v in masks.items()},
-            attention_maps=attention_maps,
+            attention_maps=maps,
             metrics=metrics,
             timings=timings,
             latents=latents.cpu(),
+            settings={
+                plan.method: dataclasses.asdict(method_settings),
+                "spl": dataclasses.asdict(spl),
+                "mask": dataclasses.asdict(mask_settings),
+            },
+            inversion=inversion_info,
         )
-
-    # ------------------------------------------------------------------------------------ edit helpers
-
-    def _losses(
-        self,
-        source: torch.Tensor,
-        edited: torch.Tensor,
-        mask: torch.Tensor | None,
-        radius: int,
-        eps: float,
-        weights: Mapping[str, float],
-    ) -> dict[str, list[float | None]]:
-        """Per image: L_SPL (and L_CPL when it is optimised) against `source`, unweighted (SPEC §5)."""
-        losses: dict[str, list[float | None]] = {"spl": [], "cpl": []}
-        for k in range(edited.shape[0]):
-            image = edited[k : k + 1]
-            image_mask = None if mask is None else mask[k : k + 1]
-            reference = SPLReference.from_source(source, image_mask, radius, eps)
-            losses["spl"].append(float(spl_loss(reference, image)))
-            losses["cpl"].append(float(cpl_loss(reference, image)) if weights["color_weight"] else None)
-        return losses
 
     def _masks(
         self,
+        plan: EditPlan,
         store: AttentionStore,
-        prompts: Sequence[str],
+        until: int | None,
         source_image: torch.Tensor,
         target_guides: torch.Tensor,
-        steps: Sequence[int],
-        words_source: Sequence[str],
-        words_target: Sequence[str],
-        threshold: float,
-        invert: bool,
-        radius: int,
-        eps: float,
     ) -> dict[str, torch.Tensor]:
-        """Preservation masks of SPEC §6 at image size: "source", "target_k" and the final "mask_k".
-
-        Maps: mask words' cross-attention (conditional rows, "16×16" layers, heads, `steps`), each word /
-        its max, OR of (> threshold); guided-filter upsampling with the source image (source mask) or the
-        target's preview image (target mask). Final = max(source, target), then optionally 1 − it.
-        """
-        maps = store.average(MASK_LEVEL, steps=list(steps))  # (1 + n, h, w, K)
-
-        def coarse(row: int, words: Sequence[str]) -> torch.Tensor:
-            positions = [word_token_indices(self.tokenizer, prompts[row], w) for w in words]
-            return binarize_attention(word_maps(maps[row], positions), threshold)  # (h, w)
-
-        masks: dict[str, torch.Tensor] = {}
-        size = tuple(source_image.shape[-2:])
-        source_mask = None
-        if words_source:
-            source_mask = upsample_mask(coarse(0, words_source), source_image, radius, eps)
-            masks["source"] = source_mask
-        for k in range(len(prompts) - 1):
-            final = source_mask if source_mask is not None else torch.zeros(size, device=source_image.device)
-            if words_target:
-                guide = target_guides[k : k + 1]
-                target_mask = upsample_mask(coarse(k + 1, words_target), guide, radius, eps)
-                masks[f"target_{k}"] = target_mask
-                final = torch.maximum(final, target_mask)
-            masks[f"mask_{k}"] = 1.0 - final if invert else final
-        return masks
+        """SPEC §6 masks from a run's stored maps (all steps, or those ≤ `until`) and target guides."""
+        maps = store.average(until=until)[: len(plan.prompts)]  # (1 + n, h, w, K)
+        return preservation_masks(
+            maps, plan.mask_source_positions, plan.mask_target_positions, source_image, target_guides,
+            plan.masks,
+        )
 
     @staticmethod
-    def _loss_mask(masks: Mapping[str, torch.Tensor], n_targets: int) -> torch.Tensor:
-        return torch.stack([masks[f"mask_{k}"] for k in range(n_targets)])[:, None]  # (n, 1, H, W)
-
-    def _attention_maps(self, store: AttentionStore, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
-        """Per prompt, each word's cross-attention ("16×16" layers, heads, all steps), divided by its max."""
-        maps = store.average(MASK_LEVEL)  # (1 + n, h, w, K)
-        result = []
-        for row, prompt in enumerate(prompts):
-            words = prompt_words(prompt)
-            positions = [word_token_indices(self.tokenizer, prompt, w) for w in words]
-            per_word = word_maps(maps[row], positions)  # (words, h, w)
-            peak = per_word.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(per_word.dtype).tiny)
-            per_word = per_word / peak
-            result.append({w: m.cpu() for w, m in zip(words, per_word)})
-        return result
+    def _loss_masks(
+        plan: EditPlan, masks: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(structure, color) loss masks (n, 1, H, W) of the areas set to `masked`, else None."""
+        if not masks:
+            return None, None
+        batch = loss_masks(masks, plan.n_targets)
+        structure = batch if plan.spl.structure_area == "masked" else None
+        color = batch if plan.spl.color_area == "masked" else None
+        return structure, color

@@ -1,10 +1,13 @@
 """Inversion of a real image into Stable Diffusion's DDIM trajectory (SPEC §3), cached on disk.
 
-Three methods share one interface (:func:`invert` → :class:`Inversion`):
+Four methods share one interface (:func:`invert` → :class:`Inversion`):
 
 - ``null_text`` (Null-text Inversion, Mokady et al. 2023): DDIM inversion at guidance 1, then one null
   embedding ∅_i per denoising step, optimised so that classifier-free guidance at the editing scale w
   retraces the inversion trajectory.
+- ``direct`` (Direct Inversion, Ju et al. ICLR 2024 "PnP Inversion"): ∅ := embedding of "", and one
+  guided pass down the inversion trajectory stores per-step offsets z*_{t−1} − DDIM_step(z*_t); the edit
+  adds them to the source branch only, which then retraces the trajectory exactly.
 - ``negative_prompt`` (Miyake et al. 2023): ∅_i := embedding of the source prompt, no optimisation.
 - ``ddim``: plain DDIM inversion; ∅_i := embedding of "" (the baseline that drifts at w > 1).
 
@@ -17,13 +20,11 @@ retraces the same trajectory.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,108 +37,19 @@ from tqdm.auto import tqdm
 
 from editkit.errors import InputError
 from editkit.files import atomic_path
-from s2edit.attention import ColumnMask, SpatialControl, controlled_attention, cross_attention_layers
+from s2edit.attention import ColumnMask, SpatialControl
+from s2edit.diffusion import DDIMSampler, DDIMSchedule, ddim_step, guided_noise, predict_noise
+from s2edit.engine import DenoisingRun, OffsetHook, ProgressHook, denoise
+from s2edit.settings import NullTextSettings
 
-METHODS = ("null_text", "negative_prompt", "ddim")
+METHODS = ("null_text", "direct", "negative_prompt", "ddim")
+GUIDED_METHODS = ("null_text", "direct")  # methods whose result depends on the guidance scale w
 CACHE_FORMAT = "s2edit-inversion"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: null-text early stop after the update (SPEC §3), direct offsets
+STALE_TEMP_SECONDS = 60  # a cache temp file this old belongs to no running save: a killed run left it
 CACHE_KEY_CHARS = 20  # hex characters of the key's sha256 used in cache file names
 
 PlaceholderMask = tuple[int, torch.Tensor]  # (token position in the prompt, (H, W) mask in [0, 1])
-
-
-# ----------------------------------------------------------------------------------------- DDIM math
-
-
-@dataclass(frozen=True)
-class DDIMSchedule:
-    """The discrete DDIM chain of one run: timesteps from noisy to clean and their ᾱ values.
-
-    Step i goes from ``timesteps[i]`` (ᾱ = ``alphas[i]``) to the next, less noisy timestep
-    (ᾱ = ``alphas_prev[i]``; after the last step the scheduler's ``final_alpha_cumprod``).
-    """
-
-    timesteps: torch.Tensor  # (N,) long, descending
-    alphas: torch.Tensor  # (N,) float64
-    alphas_prev: torch.Tensor  # (N,) float64
-    prediction_type: str
-
-    @classmethod
-    def from_scheduler(cls, scheduler: Any, steps: int) -> DDIMSchedule:
-        """Read the chain from a diffusers DDIM scheduler (``set_timesteps(steps)`` is called on it)."""
-        scheduler.set_timesteps(steps)
-        timesteps = scheduler.timesteps.detach().cpu().long()
-        alphas_cumprod = scheduler.alphas_cumprod.detach().cpu().double()
-        final = torch.as_tensor(scheduler.final_alpha_cumprod).detach().cpu().double().reshape(1)
-        alphas = alphas_cumprod[timesteps]
-        alphas_prev = torch.cat([alphas[1:], final])
-        return cls(timesteps, alphas, alphas_prev, scheduler.config.prediction_type)
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-
-def to_epsilon(output: torch.Tensor, z: torch.Tensor, alpha: float, prediction_type: str) -> torch.Tensor:
-    """The UNet's output as a noise prediction ε (v-prediction models: ε = √ᾱ·v + √(1−ᾱ)·z)."""
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return math.sqrt(alpha) * output + math.sqrt(1 - alpha) * z
-    if prediction_type == "sample":
-        return (z - math.sqrt(alpha) * output) / math.sqrt(1 - alpha)
-    raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
-
-
-def predicted_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
-    """x̂0 = (z_t − √(1−ᾱ_t)·ε) / √ᾱ_t (SPEC §3)."""
-    return (z - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
-
-
-def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
-    """Deterministic DDIM move from noise level ᾱ_from to ᾱ_to with the noise estimate ε (SPEC §3).
-
-    Denoising uses (ᾱ_t, ᾱ_{t−Δ}); inversion the same formula with (ᾱ_{t−Δ}, ᾱ_t).
-    """
-    return math.sqrt(alpha_to) * predicted_x0(z, eps, alpha_from) + math.sqrt(1 - alpha_to) * eps
-
-
-def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: ε_∅ + w·(ε_c − ε_∅)."""
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
-
-
-@contextlib.contextmanager
-def _spatial_control(
-    unet: torch.nn.Module, columns: Sequence[ColumnMask], renormalize: bool
-) -> Iterator[None]:
-    """Spatial control of placeholder columns (cross-attention layers only) while inside, if any."""
-    if not columns:
-        yield
-        return
-    with controlled_attention(unet, SpatialControl(columns, renormalize), layers=cross_attention_layers):
-        yield
-
-
-def predict_noise(
-    unet: torch.nn.Module,
-    z: torch.Tensor,
-    t: torch.Tensor,
-    embeds: torch.Tensor,
-    alpha: float,
-    prediction_type: str,
-    columns: Sequence[ColumnMask] = (),
-    renormalize: bool = False,
-) -> torch.Tensor:
-    """ε̂(z, t, embeds) in float32; `z` (1 or B rows) is broadcast to the B rows of `embeds`.
-
-    `columns` are spatial-control masks for rows of THIS batch. Gradients flow when enabled.
-    """
-    dtype = next(unet.parameters()).dtype
-    if z.shape[0] != embeds.shape[0]:
-        z = z.expand(embeds.shape[0], *z.shape[1:])
-    with _spatial_control(unet, columns, renormalize):
-        out = unet(z.to(dtype), t.to(z.device), encoder_hidden_states=embeds.to(dtype)).sample
-    return to_epsilon(out.float(), z.float(), alpha, prediction_type)
 
 
 def _columns(masks: Sequence[PlaceholderMask], rows: Sequence[int]) -> list[ColumnMask]:
@@ -176,21 +88,6 @@ def ddim_inversion(
     return torch.cat(latents)
 
 
-@dataclass(frozen=True)
-class NullTextSettings:
-    """Null-text optimisation settings (SPEC §3): at most `inner_steps` Adam updates of ∅ per denoising
-    step, learning rate lr·(1 − i/100), early stop once a loss is < early_stop + i·early_stop_growth."""
-
-    inner_steps: int = 10
-    lr: float = 1e-2
-    early_stop: float = 1e-5
-    early_stop_growth: float = 2e-5
-
-    def __post_init__(self) -> None:
-        if self.inner_steps < 0:
-            raise InputError(f"nti inner_steps={self.inner_steps} must be >= 0")
-
-
 DEFAULT_NTI = NullTextSettings()  # SPEC §3 defaults
 
 
@@ -218,14 +115,14 @@ def null_text_optimization(
 
     For denoising step i (t from noisy to clean), starting from the previous step's ∅ (step 0: the
     embedding of ""): Adam with nti.lr·(1 − i/100), at most `nti.inner_steps` updates of ∅ on
-    MSE(DDIM_step(ε_∅ + w(ε_c − ε_∅), t, z̄_t), z_{t−1}), stopping as soon as an evaluated loss is
-    < nti.early_stop + i·nti.early_stop_growth. ∅_i is the last EVALUATED embedding (the one that met the
-    threshold, or the one after the last update), so z̄ advances with exactly the move whose loss is
-    reported, and that move is reused rather than recomputed.
+    MSE(DDIM_step(ε_∅ + w(ε_c − ε_∅), t, z̄_t), z_{t−1}). As the reference, each inner step computes the
+    loss, takes the Adam step, and THEN stops if that loss was < nti.early_stop + i·nti.early_stop_growth,
+    so every timestep keeps at least one update. ∅_i is the embedding after the last update; z̄ advances
+    with it, and the loss of that advance is the one reported.
 
     Cost per step with k updates: one conditional prediction (no grad, computed once), k
-    forward+backward passes of the ∅ row and one last forward (the advance); the conditional row
-    is never recomputed and there is no separate advance pass.
+    forward+backward passes of the ∅ row and one forward of it (the advance); the conditional row is
+    never recomputed.
     """
     if next(unet.parameters()).dtype == torch.float16:
         raise ValueError("null-text optimisation does not converge in float16: use fp32 or bf16 weights")
@@ -250,31 +147,70 @@ def null_text_optimization(
         null = null.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh leaf
         optimizer = torch.optim.Adam([null], lr=nti.lr * (1.0 - i / 100.0))
         threshold = nti.early_stop + i * nti.early_stop_growth
-        for update in range(nti.inner_steps + 1):
-            last = update == nti.inner_steps  # budget spent: evaluate the final ∅ without a graph
-            with torch.set_grad_enabled(not last):
-                eps_uncond = predict_noise(unet, z, t, null, alpha, kind)
-                z_prev = ddim_step(z, guided_noise(eps_uncond, eps_cond, guidance), alpha, alpha_prev)
-                loss = F.mse_loss(z_prev, target)
-            result.unet_calls += 1
-            if last or loss.item() < threshold:
-                break
+        updates = 0
+        for _ in range(nti.inner_steps):
+            eps_uncond = predict_noise(unet, z, t, null, alpha, kind)
+            z_prev = ddim_step(z, guided_noise(eps_uncond, eps_cond, guidance), alpha, alpha_prev)
+            loss = F.mse_loss(z_prev, target)
             (null.grad,) = torch.autograd.grad(loss, [null])  # ∅'s gradient only: no UNet weight grads
             optimizer.step()
+            updates += 1
+            result.unet_calls += 1
+            if loss.item() < threshold:  # checked after the update (SPEC §3, the reference's order)
+                break
+        with torch.no_grad():  # advance z̄ with the final ∅_i
+            eps_uncond = predict_noise(unet, z, t, null, alpha, kind)
+            z_prev = ddim_step(z, guided_noise(eps_uncond, eps_cond, guidance), alpha, alpha_prev)
+        result.unet_calls += 1
         stored.append(null.detach()[0].clone())
-        result.losses.append(loss.item())
-        result.inner_steps.append(update)
-        z = z_prev.detach()
-        bar.set_postfix(loss=f"{result.losses[-1]:.2e}", updates=update)
+        result.losses.append(F.mse_loss(z_prev, target).item())
+        result.inner_steps.append(updates)
+        z = z_prev
+        bar.set_postfix(loss=f"{result.losses[-1]:.2e}", updates=updates)
     result.null_embeddings = torch.stack(stored) if stored else null_embeds.new_zeros(0)
     return result
+
+
+@torch.no_grad()
+def direct_offsets(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    null_embeds: torch.Tensor,
+    schedule: DDIMSchedule,
+    guidance: float = 7.5,
+    placeholder_masks: Sequence[PlaceholderMask] = (),
+    renormalize: bool = False,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Direct Inversion's per-step offsets (SPEC §3; PnPInversion `offset_calculate`). Returns (N, C, h, w).
+
+    Walking down once from z*_N with ∅ = `null_embeds` and guidance w (spatial control on the
+    conditional row, as in the edit's source branch): z_rec = DDIM_step(CFG(ε_∅, ε_c, w), t, z*_t),
+    offset_i = z*_{t−1} − z_rec, and the walk continues from z*_{t−1}. One guided pass per step.
+    """
+    n = len(schedule)
+    if latents.shape[0] != n + 1:
+        raise ValueError(f"expected {n + 1} inversion latents for {n} steps, got {latents.shape[0]}")
+    embeds = torch.cat([null_embeds.float(), prompt_embeds.float()])  # [∅, c]
+    columns = _columns(placeholder_masks, rows=[1])
+    offsets = []
+    for i in tqdm(range(n), desc="direct inversion", disable=not progress, leave=False):
+        t = schedule.timesteps[i]
+        alpha, alpha_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
+        z = latents[n - i : n + 1 - i].float()  # z*_t
+        eps = predict_noise(unet, z, t, embeds, alpha, schedule.prediction_type, columns, renormalize)
+        reconstructed = ddim_step(z, guided_noise(eps[:1], eps[1:], guidance), alpha, alpha_prev)
+        offsets.append(latents[n - 1 - i].float() - reconstructed[0])
+    return torch.stack(offsets)
 
 
 @dataclass
 class Inversion:
     """A real image's inversion: everything the editor needs to retrace (and edit) the image.
 
-    Denoising z_T with the prompt and ∅_i (:meth:`null_embedding`) at `guidance` reproduces z0.
+    Denoising z_T with the prompt and ∅_i (:meth:`null_embedding`) at `guidance` reproduces z0 (for
+    `direct`: adding `offsets[i]` after every step, exactly).
     """
 
     method: str
@@ -283,9 +219,10 @@ class Inversion:
     z0: torch.Tensor  # (1, C, h, w) float32: VAE posterior mean × scaling factor
     latents: torch.Tensor  # (N+1, C, h, w) float32: DDIM inversion trajectory, row k = noise level k
     null_embeddings: torch.Tensor  # (N, L, D), or (1, L, D) when the same for every step
-    null_prompt: str | None  # prompt of ∅: "" for ddim, P̃ for negative_prompt, None when optimised
+    null_prompt: str | None  # prompt of ∅: "" for ddim/direct, P̃ for negative_prompt, None when optimised
     steps: int
     guidance: float
+    offsets: torch.Tensor | None = None  # (N, C, h, w) float32: Direct Inversion's per-step offsets
     losses: list[float] = field(default_factory=list)
     inner_steps: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -295,6 +232,12 @@ class Inversion:
     @property
     def z_T(self) -> torch.Tensor:
         return self.latents[-1:]
+
+    @property
+    def null_is_prompt(self) -> bool:
+        """∅ is the source prompt's own embedding (negative_prompt): its placeholders are spatially
+        controlled in the unconditional rows too."""
+        return self.null_prompt == self.prompt
 
     def null_embedding(self, i: int) -> torch.Tensor:
         """∅_i as (1, L, D) float32."""
@@ -320,9 +263,9 @@ def invert(
     """
     # 1. Check inputs
     if method not in METHODS:
-        raise ValueError(f"inversion method must be one of {', '.join(METHODS)}; got '{method}'")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+        raise InputError(f"inversion method '{method}' must be one of {', '.join(METHODS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps={steps!r} must be a positive number of DDIM steps")
     start = time.perf_counter()
 
     # 2. Encode image and prompts
@@ -334,9 +277,10 @@ def invert(
     # 3. DDIM inversion at guidance 1
     latents = ddim_inversion(sd.unet, z0, prompt_embeds, schedule, placeholder_masks, renormalize, progress)
 
-    # 4. Unconditional embeddings per step
+    # 4. Unconditional embeddings per step (and Direct Inversion's offsets)
     losses: list[float] = []
     taken: list[int] = []
+    offsets = None
     if method == "null_text":
         with torch.no_grad():
             empty = sd.encode_prompt([""]).float()
@@ -358,6 +302,11 @@ def invert(
         null_prompt = prompt if method == "negative_prompt" else ""
         with torch.no_grad():
             null_embeddings = sd.encode_prompt([null_prompt]).float()
+        if method == "direct":
+            offsets = direct_offsets(
+                sd.unet, latents, prompt_embeds, null_embeddings, schedule, guidance,
+                placeholder_masks, renormalize, progress,
+            )
 
     return Inversion(
         method=method,
@@ -369,6 +318,7 @@ def invert(
         null_prompt=null_prompt,
         steps=steps,
         guidance=guidance,
+        offsets=None if offsets is None else offsets.cpu(),
         losses=losses,
         inner_steps=taken,
         seconds=time.perf_counter() - start,
@@ -386,24 +336,26 @@ def reconstruct(
     renormalize: bool = False,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Denoise z_T with the inversion's prompt and ∅_i at its guidance: the reconstructed z0 (1, C, h, w).
+    """Denoise z_T with the inversion's prompt and ∅_i at its guidance (and Direct Inversion's offsets):
+    the reconstructed z0 (1, C, h, w), through the editing loop with the source branch alone.
 
     Spatial control applies to the conditional row, and to the unconditional row too when ∅ is the
     embedding of the prompt itself (negative_prompt), exactly as in the edit's source branch.
     """
-    schedule = DDIMSchedule.from_scheduler(sd.scheduler, inversion.steps)
-    prompt_embeds = sd.encode_prompt([inversion.prompt]).float()
-    rows = [0, 1] if inversion.null_prompt == inversion.prompt else [1]
-    columns = _columns(placeholder_masks, rows)
-    z = inversion.z_T.to(sd.device)
-    for i in tqdm(range(len(schedule)), desc="reconstruction", disable=not progress, leave=False):
-        alpha, alpha_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
-        embeds = torch.cat([inversion.null_embedding(i).to(sd.device), prompt_embeds])
-        eps = predict_noise(
-            sd.unet, z, schedule.timesteps[i], embeds, alpha, schedule.prediction_type, columns, renormalize
-        )
-        z = ddim_step(z, guided_noise(eps[:1], eps[1:], inversion.guidance), alpha, alpha_prev)
-    return z
+    device = sd.device
+    rows = [0, 1] if inversion.null_is_prompt else [1]
+    run = DenoisingRun(
+        sampler=DDIMSampler(DDIMSchedule.from_scheduler(sd.scheduler, inversion.steps)),
+        latents=inversion.z_T.to(device).float(),
+        cond=sd.encode_prompt([inversion.prompt]).float(),
+        uncond=lambda i: inversion.null_embedding(i).to(device),
+        guidance=torch.tensor([float(inversion.guidance)]),
+        controller=SpatialControl(_columns(placeholder_masks, rows), renormalize),
+        source_row=0,
+        target_rows=[],
+        hooks=[OffsetHook(inversion.offsets)] if inversion.offsets is not None else [],
+    )
+    return denoise(sd.unet, run, [ProgressHook(inversion.steps, "reconstruction", progress)]).latents
 
 
 def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
@@ -465,7 +417,7 @@ def inversion_key(
         "prompt": prompt,
         "method": method,
         "steps": steps,
-        "guidance": float(guidance) if method == "null_text" else None,  # only NTI depends on w
+        "guidance": float(guidance) if method in GUIDED_METHODS else None,  # null-text and direct use w
         "weights": weights,
         "dtype": str(dtype).removeprefix("torch."),
         "spatial_control": [[token, tensor_sha256(mask.float())] for token, mask in placeholder_masks],
@@ -510,6 +462,8 @@ def save_inversion(inversion: Inversion, cache_dir: str | Path, key: dict[str, A
         "latents": inversion.latents,
         "null_embeddings": inversion.null_embeddings,
     }
+    if inversion.offsets is not None:
+        tensors["offsets"] = inversion.offsets
     with atomic_path(tensors_path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     record = {
@@ -530,8 +484,41 @@ def save_inversion(inversion: Inversion, cache_dir: str | Path, key: dict[str, A
     return json_path
 
 
+def _invalid_entry(inversion: Inversion, key: dict[str, Any]) -> str | None:
+    """Why a loaded cache entry cannot be trusted (None: it is valid): shapes, dtypes, finite values."""
+    n, (height, width) = inversion.steps, key["image_size"]
+    image, z0, latents, nulls = inversion.image, inversion.z0, inversion.latents, inversion.null_embeddings
+    expected_nulls = n if inversion.method == "null_text" else 1
+    offsets = inversion.offsets
+    checks = [
+        (image.shape == (1, 3, height, width), f"image of shape {tuple(image.shape)}"),
+        (z0.dim() == 4 and z0.shape[0] == 1, f"z0 of shape {tuple(z0.shape)}"),
+        (latents.shape == (n + 1, *z0.shape[1:]), f"latents of shape {tuple(latents.shape)}"),
+        (nulls.dim() == 3 and nulls.shape[0] == expected_nulls, f"null embeddings of {tuple(nulls.shape)}"),
+        (inversion.method == key["method"] and inversion.steps == key["steps"], "settings not as keyed"),
+        ((offsets is not None) == (inversion.method == "direct"), "offsets missing or unexpected"),
+        (offsets is None or offsets.shape == (n, *z0.shape[1:]), "offsets of the wrong shape"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            return problem
+    tensors = {"image": image, "z0": z0, "latents": latents, "null embeddings": nulls, "offsets": offsets}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != torch.float32:
+            return f"{name} of dtype {tensor.dtype}"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"non-finite values in the {name}"
+    return None
+
+
 def load_inversion(cache_dir: str | Path, key: dict[str, Any]) -> Inversion | None:
-    """The cached inversion for exactly `key`, or None (missing, incomplete, corrupt or stale entry)."""
+    """The cached inversion for exactly `key`, or None (missing or stale entry).
+
+    Raises ValueError naming the problem for an entry that exists but is corrupt (unreadable files,
+    wrong shapes or dtypes, NaN or infinite values), so the caller can replace it.
+    """
     tensors_path, json_path = cache_paths(cache_dir, key)
     if not (json_path.is_file() and tensors_path.is_file()):
         return None
@@ -548,19 +535,37 @@ def load_inversion(cache_dir: str | Path, key: dict[str, Any]) -> Inversion | No
             latents=tensors["latents"],
             null_embeddings=tensors["null_embeddings"],
             null_prompt=record["null_prompt"],
-            steps=record["steps"],
-            guidance=record["guidance"],
-            losses=record["losses"],
-            inner_steps=record["inner_steps"],
-            seconds=record["seconds"],
+            steps=int(record["steps"]),
+            guidance=float(record["guidance"]),
+            offsets=tensors.get("offsets"),
+            losses=[float(x) for x in record["losses"]],
+            inner_steps=[int(x) for x in record["inner_steps"]],
+            seconds=float(record["seconds"]),
             key=record["digest"],
             cached=True,
         )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
-        return None
-    if inversion.latents.shape[0] != inversion.steps + 1:
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"unreadable ({type(error).__name__}: {reason})") from None
+    problem = _invalid_entry(inversion, key)
+    if problem is not None:
+        raise ValueError(problem)
     return inversion
+
+
+def remove_stale_temporaries(cache_dir: str | Path, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete cache temp files (`.inversion-….tmp`) that a killed run left behind; a save in progress
+    holds its temp file for milliseconds, so only files older than `older_than_s` are touched."""
+    removed = []
+    now = time.time()
+    for path in Path(cache_dir).glob(".inversion-*.tmp"):
+        try:
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def load_or_invert(
@@ -580,7 +585,7 @@ def load_or_invert(
     """:func:`invert`, reusing `cache_dir`'s entry when every input is the same (`Inversion.cached`).
 
     `weights` fingerprints the model weights (export manifest, or :func:`weights_fingerprint`).
-    `cache_dir=None` disables the cache.
+    `cache_dir=None` disables the cache. A corrupt entry is recomputed and replaced, with one warning.
     """
     key = inversion_key(
         image,
@@ -595,8 +600,17 @@ def load_or_invert(
         renormalize,
         dict(sd.scheduler.config),
     )
-    if cache_dir is not None:
-        cached = load_inversion(cache_dir, key)
+    if cache_dir is not None and Path(cache_dir).is_dir():
+        remove_stale_temporaries(cache_dir)
+        try:
+            cached = load_inversion(cache_dir, key)
+        except ValueError as problem:
+            warnings.warn(
+                f"inversion cache entry {cache_paths(cache_dir, key)[0].name} is corrupt ({problem}): "
+                "recomputing and replacing it",
+                stacklevel=2,
+            )
+            cached = None
         if cached is not None:
             return cached
     inversion = invert(

@@ -16,7 +16,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,12 +27,14 @@ from huggingface_hub import constants as hub_constants
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from editkit.errors import InputError
+from s2edit.settings import DEFAULT_MODEL
 from s2edit.tokenizer import clip_tokenizer, token_ids
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-RANDOM_MODELS = {"tiny": "tiny", "sd-v1-random": "sd-v1"}  # model name → folder under configs/models
+# random presets: name → folder under configs/models
+RANDOM_MODELS = {"tiny": "tiny", "tiny-lcm": "tiny-lcm", "sd-v1-random": "sd-v1"}
+BASE_PRESET = "tiny"  # a preset folder without some part (tiny-lcm: all but the scheduler) takes it from here
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
 LOAD_HINT = "pass a local diffusers folder (model=/path/to/stable-diffusion-v1-4) or model=tiny"
 
@@ -73,6 +75,7 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
     name: str
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # the model's own (e.g. LCMScheduler)
 
     @property
     def device(self) -> torch.device:
@@ -128,15 +131,19 @@ class StableDiffusion:
         Differentiable: wrap it in `torch.no_grad()` where the text encoder is frozen."""
         return self.text_encoder(self.tokenize(prompts)).last_hidden_state
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, C, H/f, W/f) latent: posterior MEAN × scaling factor (SPEC §2–§3),
-        in the image's dtype."""
+        in the image's dtype; with a (CPU) `generator`, a posterior sample instead (InfEdit's choice)."""
         if image.shape[-1] % self.size_multiple or image.shape[-2] % self.size_multiple:
             size = tuple(image.shape[-2:])
             raise ValueError(f"image size {size} is not a multiple of {self.size_multiple}")
         vae = self.vae
         posterior = vae.encode(image.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        latents = (posterior.mean - self._shift_factor) * vae.config.scaling_factor
+        latent = posterior.mean
+        if generator is not None:
+            noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
+            latent = latent + posterior.std * noise.to(latent)
+        latents = (latent - self._shift_factor) * vae.config.scaling_factor
         return latents.to(image.dtype)
 
     def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
@@ -189,7 +196,8 @@ def load_stable_diffusion(
     elif HUB_ID.fullmatch(model):
         sd = _from_hub(model, dtype=dtype, local_files_only=local_files_only)
     else:
-        raise InputError(f"model '{model}' is not a hub id (owner/name), a folder, 'tiny' or 'sd-v1-random'")
+        presets = ", ".join(RANDOM_MODELS)
+        raise InputError(f"model '{model}' is not a hub id (owner/name), a folder, or one of {presets}")
     for module in (sd.unet, sd.vae, sd.text_encoder):
         module.eval()
     return sd.to(device=device, dtype=dtype)
@@ -199,15 +207,19 @@ def random_stable_diffusion(name: str = "tiny", seed: int = 0) -> StableDiffusio
     """A randomly initialised SD with the architecture of `configs/models/<folder>/` (reproducible from
     `seed`; the global RNG is left untouched)."""
     folder = MODEL_CONFIG_DIR / RANDOM_MODELS[name]
-    configs = {part: json.loads((folder / f"{part}.json").read_text()) for part in
-               ("unet", "vae", "text_encoder", "scheduler")}
+    configs = {}
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        file = folder / f"{part}.json"
+        file = file if file.is_file() else MODEL_CONFIG_DIR / BASE_PRESET / f"{part}.json"
+        configs[part] = json.loads(file.read_text())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
-                           scheduler=ddim_scheduler(configs["scheduler"]), name=name)
+                           scheduler=ddim_scheduler(configs["scheduler"]), name=name,
+                           scheduler_config=configs["scheduler"])
 
 
 def _looks_like_path(model: str) -> bool:
@@ -279,19 +291,21 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) ->
         "vae": lambda: AutoencoderKL.from_pretrained(source, torch_dtype=dtype, **common),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(source, dtype=dtype, **common),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, **common),
-        "scheduler": lambda: ddim_scheduler(DDIMScheduler.load_config(source, **common)),
+        "scheduler_config": lambda: dict(DDIMScheduler.load_config(source, **common)),
     }
     parts: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers → hub, not ours
         for part, load in loaders.items():
-            common["subfolder"] = part
+            common["subfolder"] = part.removesuffix("_config")
             try:
                 parts[part] = load()
             except (OSError, ValueError) as error:  # missing / unreadable files, bad configs
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise InputError(f"could not load the {part} of model '{source}': {reason}") from error
+                raise InputError(
+                    f"could not load the {common['subfolder']} of model '{source}': {reason}"
+                ) from error
     # A tokenizer saved without tokenizer_config.json has no max length (REFERENCES: known traps).
     max_positions = parts["text_encoder"].config.max_position_embeddings
     parts["tokenizer"].model_max_length = min(parts["tokenizer"].model_max_length, max_positions)
-    return StableDiffusion(**parts, name=source)
+    return StableDiffusion(**parts, scheduler=ddim_scheduler(parts["scheduler_config"]), name=source)

@@ -22,7 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from diffusers import DDIMScheduler
 from omegaconf import OmegaConf
 
 from editkit.errors import ReportedError
@@ -38,6 +37,7 @@ from s2edit.attention import (
 )
 from s2edit.config import TrainConfig
 from s2edit.data import PreparedPair
+from s2edit.diffusion import DDIMSampler, DDIMSchedule, to_epsilon
 from s2edit.export import ExportManifest, ExportToken, add_lora_adapters, base_model_probe, write_export
 from s2edit.losses import (
     diffusion_target,
@@ -310,21 +310,23 @@ class S2EditModule(L.LightningModule):
 
         latents: (1, C, h, w); input_ids: (1, L). Returns (1, 3, H, W) in [-1, 1].
         """
-        scheduler = DDIMScheduler.from_config(self.sd.scheduler.config)
         total_steps = math.ceil(RECONSTRUCTION_STEPS / RECONSTRUCTION_STRENGTH)
-        scheduler.set_timesteps(total_steps, device=latents.device)
-        timesteps = scheduler.timesteps[-RECONSTRUCTION_STEPS:]
+        sampler = DDIMSampler(DDIMSchedule.from_scheduler(self.sd.scheduler, total_steps))
+        first = total_steps - RECONSTRUCTION_STEPS
         generator = torch.Generator(device="cpu").manual_seed(0)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        z = scheduler.add_noise(latents, noise, timesteps[:1])
+        alpha = sampler.alpha(first)
+        z = math.sqrt(alpha) * latents.float() + math.sqrt(1 - alpha) * noise.float()  # q(z_t | z_0)
         states = self.encode_text(input_ids)
         training_controllers = self.attention.controllers
         self.attention.controllers = [SpatialControl(columns, renormalize=self.renormalize)]
         try:
             with self.routed():
-                for t in timesteps:
-                    output = self.unet(z, t, encoder_hidden_states=states).sample
-                    z = scheduler.step(output, t, z).prev_sample
+                for i in range(first, total_steps):
+                    t, alpha = sampler.schedule.timesteps[i].to(z.device), sampler.alpha(i)
+                    output = self.unet(z.to(latents.dtype), t, encoder_hidden_states=states).sample
+                    eps = to_epsilon(output.float(), z, alpha, sampler.schedule.prediction_type)
+                    z = sampler.step(z, sampler.predict_x0(z, eps, i), eps, i)
         finally:
             self.attention.controllers = training_controllers
         return self.sd.decode_latents(z.to(self.vae.dtype)).float()

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from editkit.images import load_mask
-from s2edit.attention import AttentionStore, controlled_attention, cross_attention_layers
+from s2edit.attention import MASK_LEVEL, AttentionStore, controlled_attention, cross_attention_layers
 from s2edit.models import StableDiffusion
 from s2edit.tokenizer import word_token_indices
 
-MASK_LEVEL = 4  # the "16×16" layers of SD at 512² (latent / 4)
 USER_MASK_THRESHOLD = 0.5  # a user mask is binarised after resampling to the latent grid
 
 

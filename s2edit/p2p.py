@@ -3,13 +3,23 @@
 The batch of conditional UNet rows is [source, target_1, …, target_n]. During the first steps of the
 denoising loop each target takes the source's cross-attention maps (through a token mapping, so that
 "a cat" → "a fluffy cat" keeps the cat where it was) and its self-attention maps (which carry the
-layout). The unconditional half of a classifier-free-guidance batch is never touched.
+layout). The unconditional half of a classifier-free-guidance batch is never touched. Every rule below
+is prompt-to-prompt's (google/prompt-to-prompt, `seq_aligner.py`, `ptp_utils.py`, the notebook's
+controllers), pinned by tests with hand-derived expectations:
+
+- refine alignment: global alignment (gap 0, match +1, mismatch −1), traceback ties broken left, up,
+  diagonal; target padding position p takes source position p;
+- replace mapper: word by word while replaced words remain, then position p takes position p;
+- cross-attention injection for steps i < int(cross_replace·(T+1)) (the per-word table has T+1 rows),
+  self-attention for i < int(self_replace·T), in layers with at most (latent/2)² queries;
+- reweighting scales the mapped source maps, so it acts only inside the injection;
+- LocalBlend reads the maps summed over all steps so far and starts at step int(blend_start·T).
 
 Driving it (one controller object holds every piece of cross-step state, STYLE habit 2)::
 
     p2p = build_p2p(tokenizer, source, targets, num_steps=T, blend_words=[["cat"], ["dog"]])
-    store = AttentionStore(levels=(p2p.local_blend.level,))        # only needed for LocalBlend
-    controller = ControllerChain([spatial_control, p2p, store])    # all layers: self-attention too
+    store = AttentionStore()                                        # maps BEFORE the edit (SPEC §4)
+    controller = ControllerChain([spatial_control, store, p2p])
     with controlled_attention(unet, controller):
         for i, t in enumerate(timesteps):
             controller.step = i
@@ -30,7 +40,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from editkit.errors import InputError
-from s2edit.attention import AttentionCall, AttentionController, AttentionStore, heads_view
+from s2edit.attention import MASK_LEVEL, AttentionCall, AttentionController, AttentionStore, heads_view
 from s2edit.tokenizer import token_ids, word_token_indices
 
 MODES = ("refine", "replace")
@@ -39,6 +49,8 @@ SELF_INJECTION_MIN_LEVEL = 2  # P2P injects self-attention only in layers with �
 # (64² latent): those are the layers at least 2× coarser than the latent; the 64² ones hold too much
 # texture and are left to the target.
 BLEND_POOL = 3  # LocalBlend: 3×3 max-pool of the word maps (P2P)
+
+_LEFT, _UP, _DIAGONAL = 1, 2, 3  # traceback moves of the global alignment
 
 
 # ------------------------------------------------------------------------------------ token alignment
@@ -50,40 +62,39 @@ def global_alignment(
     """Needleman–Wunsch alignment of two id sequences; for each target position, its source position.
 
     Returns a list as long as `target`: the aligned source index, or NEW_TOKEN (−1) where the target
-    token is an insertion. With P2P's scores (gap 0, match +1, mismatch −1) a mismatch is never worth
-    more than two gaps, so a substituted token becomes "deleted + inserted", i.e. new. Ties prefer a
-    diagonal step (match), then a new target token, then a dropped source token.
+    token is an insertion. As P2P's `seq_aligner`, each cell records ONE move, preferring left (a new
+    target token), then up (a dropped source token), then diagonal, and the traceback follows those
+    moves: a repeated token therefore pairs with its first candidate ("the the the cat" → "the cat"
+    maps "the" to the first "the"). With gap 0 and mismatch −1 a diagonal is only taken on a match.
     """
     n, m = len(source), len(target)
     score = [[0] * (m + 1) for _ in range(n + 1)]  # (n+1, m+1)
+    move = [[_LEFT] * (m + 1) for _ in range(n + 1)]
     for i in range(n + 1):
         score[i][0] = i * gap
+        move[i][0] = _UP
     for j in range(m + 1):
         score[0][j] = j * gap
+    move[0] = [_LEFT] * (m + 1)
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            pair = match if source[i - 1] == target[j - 1] else mismatch
-            score[i][j] = max(score[i - 1][j - 1] + pair, score[i][j - 1] + gap, score[i - 1][j] + gap)
+            left, up = score[i][j - 1] + gap, score[i - 1][j] + gap
+            diagonal = score[i - 1][j - 1] + (match if source[i - 1] == target[j - 1] else mismatch)
+            best = max(left, up, diagonal)
+            score[i][j] = best
+            move[i][j] = _LEFT if best == left else _UP if best == up else _DIAGONAL
 
     mapping = [NEW_TOKEN] * m
     i, j = n, m
-    while i > 0 and j > 0:
-        pair = match if source[i - 1] == target[j - 1] else mismatch
-        if score[i][j] == score[i - 1][j - 1] + pair:
-            if source[i - 1] == target[j - 1]:
-                mapping[j - 1] = i - 1
+    while i > 0 or j > 0:
+        if i > 0 and j > 0 and move[i][j] == _DIAGONAL:
             i, j = i - 1, j - 1
-        elif score[i][j] == score[i][j - 1] + gap:
-            j -= 1  # target token j−1 is new
+            mapping[j] = i
+        elif j > 0 and (i == 0 or move[i][j] == _LEFT):
+            j -= 1  # target token j is new
         else:
-            i -= 1  # source token i−1 has no partner
+            i -= 1  # source token i has no partner
     return mapping
-
-
-def _padding_partner(target_position: int, source_length: int, target_length: int, context: int) -> int:
-    """Source position whose map a padding position of the target takes: padding pairs with padding in
-    order; once the source's padding runs out, the source's last position."""
-    return min(source_length + target_position - target_length, context - 1)
 
 
 def refine_mapping(
@@ -93,12 +104,10 @@ def refine_mapping(
 
     Returns (index, alphas), both (context,): `index[t]` is the source position target position t takes
     its cross-attention map from (−1 for a new token), `alphas[t]` is 1 where mapped, 0 for new tokens.
-    Padding positions (after the end token) map onto the source's padding.
+    A target position p past the target's tokens (padding) takes source position p (P2P `get_mapper`).
     """
     aligned = global_alignment(source_ids, target_ids)
-    source_length, target_length = len(source_ids), len(target_ids)
-    tail = [_padding_partner(t, source_length, target_length, context) for t in range(target_length, context)]
-    index = torch.tensor(aligned + tail, dtype=torch.long)  # (context,)
+    index = torch.tensor(aligned + list(range(len(target_ids), context)), dtype=torch.long)  # (context,)
     return index, (index != NEW_TOKEN).float()
 
 
@@ -108,9 +117,11 @@ def replace_mapping(
     """P2P `replace` mapper (context, context): `mapper[s, t]` = share of source column s given to target t.
 
     `*_words` are the token ids of each word (between the start and end tokens), with the same number of
-    words on both sides. A word with the same number of tokens maps one to one; a replaced word with a
-    different count spreads each of its source tokens evenly over the target word's tokens. Every row
-    sums to 1 (a column-stochastic mapping keeps each target row of probabilities summing to 1).
+    words on both sides. As P2P's `get_replacement_mapper_`: positions are walked from the start token;
+    a replaced word maps one to one when both sides have as many tokens, else each of its source tokens
+    is spread evenly over the target word's tokens; other positions map one to one (source i → target j,
+    shifted by earlier uneven replacements) until the last replaced word, after which target position
+    p takes source position p.
     """
     if len(source_words) != len(target_words):
         raise ValueError(f"{len(source_words)} source words but {len(target_words)} target words")
@@ -118,28 +129,31 @@ def replace_mapping(
     target_length = 2 + sum(len(word) for word in target_words)
     if max(source_length, target_length) > context:
         raise ValueError(f"prompts of {source_length} and {target_length} tokens exceed {context} tokens")
-    mapper = torch.zeros(context, context)  # (source, target)
-    mapper[0, 0] = 1.0  # start token
+    replaced: list[tuple[int, int, int, int]] = []  # (source start, source count, target start, count)
     s = t = 1
     for source_word, target_word in zip(source_words, target_words):
-        sources, targets = slice(s, s + len(source_word)), slice(t, t + len(target_word))
-        if len(source_word) == len(target_word):  # one to one (also a replaced word of equal length)
-            mapper[sources, targets] += torch.eye(len(source_word))
-        elif target_word:  # different token counts: spread evenly
-            mapper[sources, targets] = 1.0 / len(target_word)
-        s, t = sources.stop, targets.stop
-    mapper[s, t] = 1.0  # end token
-    for target_position in range(target_length, context):  # padding pairs with padding, in order
-        source_position = source_length + target_position - target_length
-        if source_position < context:
-            mapper[source_position, target_position] = 1.0
-    surplus = max(target_length - source_length, 0)
-    for source_position in range(context - surplus, context):  # left-over source padding: folded into
-        mapper[source_position, context - 1] = 1.0  # the target's last position
+        if list(source_word) != list(target_word):
+            replaced.append((s, len(source_word), t, len(target_word)))
+        s, t = s + len(source_word), t + len(target_word)
+
+    mapper = torch.zeros(context, context)  # (source, target)
+    i = j = done = 0
+    while i < context and j < context:
+        if done < len(replaced) and replaced[done][0] == i:
+            _, source_count, _, target_count = replaced[done]
+            sources, targets = slice(i, i + source_count), slice(j, j + target_count)
+            if source_count == target_count:
+                mapper[sources, targets] += torch.eye(source_count)
+            else:
+                mapper[sources, targets] = 1.0 / target_count
+            i, j, done = i + source_count, j + target_count, done + 1
+        else:
+            mapper[i if done < len(replaced) else j, j] = 1.0
+            i, j = i + 1, j + 1
     return mapper
 
 
-def prompt_words(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[list[int]]:
+def prompt_word_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[list[int]]:
     """Token ids of each whitespace-separated word of `prompt` (start/end tokens excluded)."""
     encoding = tokenizer(prompt, return_offsets_mapping=True, truncation=False)
     spans = [m.span() for m in re.finditer(r"\S+", prompt)]
@@ -150,9 +164,10 @@ def prompt_words(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[list[i
 # ------------------------------------------------------------------------------- per-word schedules
 
 
-def steps_before(fraction: float, num_steps: int) -> int:
-    """Number of leading steps i with i < fraction·T (a tiny tolerance absorbs 0.7·10 = 7.000…1)."""
-    return min(num_steps, math.floor(fraction * num_steps + 1e-9))
+def injection_steps(fraction: float, rows: int) -> int:
+    """P2P's step count: int(fraction · rows), Python's truncation exactly as the reference computes it
+    (cross-attention: rows = T + 1, the alpha table's length; self-attention and LocalBlend: rows = T)."""
+    return int(fraction * rows)
 
 
 def _check_fraction(name: str, value: float, meaning: str = "a fraction of the denoising steps") -> None:
@@ -183,32 +198,34 @@ def cross_replace_schedule(
     cross_replace: float = 0.8,
     words: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
-    """(steps, targets, context) table: 1 where target token k takes the source's map at step i.
+    """(T+1, targets, context) table: 1 where target token k takes the source's map at step i.
 
-    Every token is injected for i < cross_replace·T; a word in `words` gets its own fraction instead (in
-    each target prompt that contains it; a word in no target prompt is refused).
+    As P2P's `get_time_words_attention_alpha`: every token is injected for i < int(cross_replace·(T+1));
+    a word in `words` gets its own fraction instead (in each target prompt that contains it; a word in
+    no target prompt is refused). Row i is read at step i; the last row is never reached.
     """
     _check_fraction("cross_replace", cross_replace)
     context = tokenizer.model_max_length
-    schedule = torch.zeros(num_steps, len(targets), context)
-    schedule[: steps_before(cross_replace, num_steps)] = 1.0
+    rows = num_steps + 1
+    schedule = torch.zeros(rows, len(targets), context)
+    schedule[: injection_steps(cross_replace, rows)] = 1.0
     for word, fraction in (words or {}).items():
-        _check_fraction(f"cross_replace['{word}']", fraction)
-        for k, positions in enumerate(_word_positions(tokenizer, targets, word, "cross_replace")):
+        _check_fraction(f"cross_replace_words['{word}']", fraction)
+        for k, positions in enumerate(_word_positions(tokenizer, targets, word, "cross_replace_words")):
             schedule[:, k, positions] = 0.0
-            schedule[: steps_before(fraction, num_steps), k, positions] = 1.0
+            schedule[: injection_steps(fraction, rows), k, positions] = 1.0
     return schedule
 
 
 def reweight_table(
     tokenizer: PreTrainedTokenizerBase, targets: Sequence[str], reweight: Mapping[str, float] | None
 ) -> torch.Tensor | None:
-    """(targets, context) factors for the target rows' cross-attention columns (1 = unchanged)."""
+    """(targets, context) factors of the injected source maps' columns (1 = unchanged)."""
     if not reweight:
         return None
     table = torch.ones(len(targets), tokenizer.model_max_length)
     for word, value in reweight.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InputError(f"reweight['{word}']={value!r} must be a finite number")
         for k, positions in enumerate(_word_positions(tokenizer, targets, word, "reweight")):
             table[k, positions] = float(value)
@@ -223,41 +240,53 @@ class PromptToPrompt(AttentionController):
 
     Args:
         num_steps: T, the number of denoising steps; `step` must stay in 0…T−1.
-        alphas: (targets, K) 1 where a target token has a source partner, 0 for new tokens.
-        cross_schedule: (T, targets, K) per-step, per-token injection switch (cross_replace_schedule).
-        self_replace: fraction of the steps with self-attention injection.
-        index: (targets, K) refine mapping (source position per target position, −1 new), or
-        mapper: (targets, K, K) replace mapping (`mapper[s, t]`); exactly one of the two.
-        reweight: (targets, K) factors applied to the target rows' cross-attention at every step.
+        cross_schedule: (T+1, targets, K) per-step, per-token injection switch (cross_replace_schedule).
+        self_replace: fraction of the steps with self-attention injection (i < int(self_replace·T)).
+        index: (targets, K) refine mapping (source position per target position, −1 new) with
+        alphas: (targets, K) 1 where a target token has a source partner, 0 for new tokens; or
+        mapper: (targets, K, K) replace mapping (`mapper[s, t]`); exactly one of index and mapper.
+        reweight: (targets, K) factors of the mapped source maps (P2P `AttentionReweight`).
         local_blend: kept here for the denoising loop (`p2p.local_blend(latents, store, step)`).
+
+    Per target k and step i, with own maps A_k, mapped source maps M_k = refine: α·A_S[index] + (1−α)·A_k,
+    replace: A_S·mapper, times the reweight factors, and the time-word switch a_i:
+    A_k ← a_i·M_k + (1 − a_i)·A_k.
     """
 
     def __init__(
         self,
         num_steps: int,
-        alphas: torch.Tensor,
         cross_schedule: torch.Tensor,
         self_replace: float = 0.5,
         index: torch.Tensor | None = None,
+        alphas: torch.Tensor | None = None,
         mapper: torch.Tensor | None = None,
         reweight: torch.Tensor | None = None,
         local_blend: LocalBlend | None = None,
     ) -> None:
         super().__init__()
-        if (index is None) == (mapper is None):
-            raise ValueError("give exactly one of a refine index and a replace mapper")
+        if (index is None) == (mapper is None) or (index is None) != (alphas is None):
+            raise ValueError("give a refine index with its alphas, or a replace mapper")
         self.num_steps = num_steps
-        self.alphas = alphas
         self.cross_schedule = cross_schedule
-        self.self_steps = steps_before(self_replace, num_steps)
+        self.self_steps = injection_steps(self_replace, num_steps)
         self.index = index.clamp_min(0) if index is not None else None  # new tokens: α = 0 anyway
+        self.alphas = alphas
         self.mapper = mapper
         self.reweight = reweight
         self.local_blend = local_blend
 
     @property
     def num_targets(self) -> int:
-        return self.alphas.shape[0]
+        return self.cross_schedule.shape[1]
+
+    def wants(self, is_cross: bool, level: int) -> bool:
+        return is_cross or (level >= SELF_INJECTION_MIN_LEVEL and self.self_steps > 0)
+
+    def reads_probs(self, call: AttentionCall) -> bool:
+        if call.is_cross:
+            return bool(self.cross_schedule[self.step].any())
+        return call.level >= SELF_INJECTION_MIN_LEVEL and self.step < self.self_steps
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         if not 0 <= self.step < self.num_steps:
@@ -271,27 +300,29 @@ class PromptToPrompt(AttentionController):
             return self._inject_self(probs, call, rows)
         return probs
 
-    def _mapped(self, source: torch.Tensor, k: int) -> torch.Tensor:
-        """Source maps (heads, Q, K) rearranged into target k's token order."""
+    def _mapped(self, source: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+        """The source maps (heads, Q, K) rearranged into target k's token order, reweighted."""
         if self.index is not None:
-            return source[..., self.index[k].to(source.device)]
-        return source @ self.mapper[k].to(source)  # Σ_s source[..., s]·mapper[s, t]
+            alphas = self.alphas[k].to(target)
+            mapped = alphas * source[..., self.index[k].to(source.device)] + (1 - alphas) * target
+        else:
+            mapped = source @ self.mapper[k].to(source)  # Σ_s source[..., s]·mapper[s, t]
+        if self.reweight is not None:
+            mapped = mapped * self.reweight[k].to(mapped)  # no renormalisation (SPEC §4)
+        return mapped
 
     def _edit_cross(self, probs: torch.Tensor, call: AttentionCall, rows: list[int]) -> torch.Tensor:
         maps = heads_view(probs, call.heads)  # (B, heads, Q, K)
-        context = self.alphas.shape[-1]
+        context = self.cross_schedule.shape[-1]
         if maps.shape[-1] != context:
             raise ValueError(f"cross-attention over {maps.shape[-1]} tokens, but a mapping for {context}")
         source, edited = maps[rows[0]], maps.clone()
         for k, row in enumerate(rows[1:]):
-            target = maps[row]
-            alpha = self.alphas[k] * self.cross_schedule[self.step, k]  # (K,), on the CPU: no device sync
-            if bool(alpha.any()):  # P2P: target ← α·mapped source + (1−α)·own
-                alpha = alpha.to(target)
-                target = alpha * self._mapped(source, k) + (1 - alpha) * target
-            if self.reweight is not None:
-                target = target * self.reweight[k].to(target)  # no renormalisation (SPEC §4)
-            edited[row] = target
+            switch = self.cross_schedule[self.step, k]  # (K,), on the CPU: no device sync
+            if bool(switch.any()):
+                switch = switch.to(maps)
+                target = maps[row]
+                edited[row] = switch * self._mapped(source, target, k) + (1 - switch) * target
         return edited.reshape(probs.shape)
 
     def _inject_self(self, probs: torch.Tensor, call: AttentionCall, rows: list[int]) -> torch.Tensor:
@@ -308,8 +339,9 @@ class LocalBlend:
     """Keep the source latent outside the edited words' region (P2P LocalBlend, SPEC §4).
 
     `word_alphas` (prompts, K) marks the blend words' tokens in each prompt [source, targets…]. Called
-    by the denoising loop after each step with the conditional latents (1 + n, C, h, w) and an
-    AttentionStore that recorded this step's cross-attention at `level` (the "16×16" layers of SD).
+    by the denoising loop after each step with the conditional latents (1 + n, C, h, w) and the
+    AttentionStore of the run: the mask comes from the words' maps at `level` (the "16×16" layers of SD)
+    summed over all steps so far (the normalisation by the maximum makes sum and mean the same).
     """
 
     def __init__(
@@ -318,11 +350,11 @@ class LocalBlend:
         num_steps: int,
         threshold: float = 0.3,
         start: float = 0.2,
-        level: int = 4,
+        level: int = MASK_LEVEL,
     ) -> None:
         self.word_alphas = word_alphas
         self.threshold = threshold
-        self.start_step = steps_before(start, num_steps)
+        self.start_step = injection_steps(start, num_steps)
         self.level = level
 
     def masks(self, maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -337,7 +369,7 @@ class LocalBlend:
         """z[target] = z[source] + mask·(z[target] − z[source]), mask = target words ∪ source words."""
         if step < self.start_step:
             return latents
-        maps = store.average(self.level, steps=[step])  # (prompts, h, w, K)
+        maps = store.average(self.level, until=step)  # (P, h, w, K)
         if maps.shape[0] != latents.shape[0]:
             raise ValueError(f"{maps.shape[0]} stored attention rows for {latents.shape[0]} latents")
         masks = self.masks(maps, tuple(latents.shape[-2:]))
@@ -349,9 +381,10 @@ class LocalBlend:
 # ------------------------------------------------------------------------------------------ factory
 
 
-def _blend_alphas(
+def blend_alphas(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], blend_words: Sequence[Sequence[str]]
 ) -> torch.Tensor:
+    """(prompts, K) marks of each prompt's blend words (one word list per prompt, source first)."""
     if len(blend_words) != len(prompts) or any(isinstance(w, str) for w in blend_words):
         raise InputError(
             f"blend_words={list(blend_words)!r} must hold one list of words per prompt "
@@ -364,6 +397,32 @@ def _blend_alphas(
     if not bool(alphas.any()):
         raise InputError("blend_words names no word at all: give at least one, or leave LocalBlend off")
     return alphas
+
+
+def token_mapping(
+    tokenizer: PreTrainedTokenizerBase, source: str, targets: Sequence[str], mode: str = "refine"
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(index, alphas, mapper) of every target onto the source: refine gives index and alphas
+    (targets, K), replace gives mapper (targets, K, K); the others are None."""
+    if mode not in MODES:
+        raise InputError(f"mode='{mode}' is not one of {', '.join(MODES)}")
+    context = tokenizer.model_max_length
+    if mode == "refine":
+        source_ids = token_ids(tokenizer, source)  # InputError when too long
+        pairs = [refine_mapping(source_ids, token_ids(tokenizer, target), context) for target in targets]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), None
+    source_words = prompt_word_ids(tokenizer, source)
+    mappers = []
+    for target in targets:
+        token_ids(tokenizer, target)
+        words = prompt_word_ids(tokenizer, target)
+        if len(words) != len(source_words):
+            raise InputError(
+                f"mode=replace needs prompts with the same number of words, but '{source}' has "
+                f"{len(source_words)} and '{target}' has {len(words)}: use mode=refine"
+            )
+        mappers.append(replace_mapping(source_words, words, context))
+    return None, None, torch.stack(mappers)
 
 
 def build_p2p(
@@ -388,48 +447,27 @@ def build_p2p(
     # 1. Check inputs
     if isinstance(targets, str) or not targets:
         raise InputError(f"targets={targets!r} must be a non-empty list of target prompts")
-    if mode not in MODES:
-        raise InputError(f"mode='{mode}' is not one of {', '.join(MODES)}")
-    if not isinstance(num_steps, int) or num_steps < 1:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise InputError(f"num_steps={num_steps!r} must be a positive number of denoising steps")
     _check_fraction("self_replace", self_replace)
     _check_fraction("blend_start", blend_start)
     _check_fraction("blend_threshold", blend_threshold, "a threshold on the max-normalised word map")
-    context = tokenizer.model_max_length
-    source_ids = token_ids(tokenizer, source)  # InputError when too long
-    target_ids = [token_ids(tokenizer, target) for target in targets]
 
     # 2. Token mapping of each target onto the source
-    if mode == "refine":
-        pairs = [refine_mapping(source_ids, ids, context) for ids in target_ids]
-        index, alphas = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        mapper = None
-    else:
-        source_words = prompt_words(tokenizer, source)
-        mappers = []
-        for target in targets:
-            words = prompt_words(tokenizer, target)
-            if len(words) != len(source_words):
-                raise InputError(
-                    f"mode=replace needs prompts with the same number of words, but '{source}' has "
-                    f"{len(source_words)} and '{target}' has {len(words)}: use mode=refine"
-                )
-            mappers.append(replace_mapping(source_words, words, context))
-        mapper, index = torch.stack(mappers), None
-        alphas = (mapper.sum(dim=1) > 0).float()  # target columns that receive a source map
+    index, alphas, mapper = token_mapping(tokenizer, source, targets, mode)
 
     # 3. Schedules, reweighting, LocalBlend
     schedule = cross_replace_schedule(tokenizer, targets, num_steps, cross_replace, cross_replace_words)
     local_blend = None
     if blend_words is not None:
-        word_alphas = _blend_alphas(tokenizer, [source, *targets], blend_words)
+        word_alphas = blend_alphas(tokenizer, [source, *targets], blend_words)
         local_blend = LocalBlend(word_alphas, num_steps, blend_threshold, blend_start)
     return PromptToPrompt(
         num_steps,
-        alphas,
         schedule,
         self_replace,
         index=index,
+        alphas=alphas,
         mapper=mapper,
         reweight=reweight_table(tokenizer, targets, reweight),
         local_blend=local_blend,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -22,10 +24,13 @@ def _check_inputs(source: Tensor, edited: Tensor, iterations: int) -> None:
 
 def refine(source: Tensor, edited: Tensor, mask: Tensor | None = None, structure_weight: float = 1e4,
            color_weight: float = 0.0, iterations: int = 100, lr: float = 1.0, momentum: float = 0.9,
-           radius: int = 5, eps: float = 1e-4) -> Tensor:
+           radius: int = 5, eps: float = 1e-4,
+           color_mask: Tensor | Literal["same"] | None = "same") -> Tensor:
     """Optimise the pixels of `edited` to minimise λ_s·L_SPL(S, X) + λ_c·L_CPL(S, X) (SPEC §5).
 
-    source, edited: (B, 3, H, W) in [-1, 1] (source batch 1 or B); mask: (H, W) or (B, 1, H, W) in [0, 1].
+    source, edited: (B, 3, H, W) in [-1, 1] (source batch 1 or B); mask: (H, W) or (B, 1, H, W) in [0, 1],
+    where the losses apply; `color_mask` gives CPL its own area (the SPL app's separate preservation
+    areas; default: the same mask as SPL).
     X starts as a fp32 copy of `edited` (float64 stays float64) and takes `iterations` steps of SGD
     (lr, momentum) with a fresh optimiser; a term whose weight is 0 is skipped; NaN gradients become 0;
     X is clamped to [-1, 1] only at the end. The gradients are the closed forms of
@@ -35,7 +40,11 @@ def refine(source: Tensor, edited: Tensor, mask: Tensor | None = None, structure
     # 1. Check inputs and compute the S-only statistics once.
     _check_inputs(source, edited, iterations)
     dtype = torch.float64 if edited.dtype == torch.float64 else torch.float32
-    reference = SPLReference.from_source(source.to(device=edited.device, dtype=dtype), mask, radius, eps)
+    source = source.to(device=edited.device, dtype=dtype)
+    reference = SPLReference.from_source(source, mask, radius, eps)
+    color_reference = reference
+    if not (isinstance(color_mask, str) and color_mask == "same") and color_mask is not mask and color_weight:
+        color_reference = SPLReference.from_source(source, color_mask, radius, eps)
 
     # 2. X is a leaf in the compute dtype; torch's SGD keeps the momentum buffer (fresh per call).
     x = edited.detach().to(dtype).clone()
@@ -51,7 +60,7 @@ def refine(source: Tensor, edited: Tensor, mask: Tensor | None = None, structure
             if structure_weight != 0:
                 grad = structure_weight * spl_loss_and_grad(reference, x, need_loss=False)[1][:, :1]
             if color_weight != 0:
-                color_grad = color_weight * cpl_loss_and_grad(reference, x, need_loss=False)[1]
+                color_grad = color_weight * cpl_loss_and_grad(color_reference, x, need_loss=False)[1]
                 grad = color_grad if grad is None else color_grad.add_(grad)
             grad = torch.nan_to_num_(grad, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
             x.grad = grad.expand_as(x)

@@ -45,7 +45,13 @@ def test_spec_section7_defaults() -> None:
     infer = parse_config(InferConfig, [], INFER_YAML)
     assert (infer.steps, infer.guidance, infer.inversion) == (50, 7.5, "null_text")
     assert (infer.nti.inner_steps, infer.nti.early_stop, infer.nti.early_stop_growth) == (10, 1e-5, 2e-5)
-    assert (infer.cross_replace, infer.self_replace, infer.mode) == (0.8, 0.5, "refine")
+    assert (infer.p2p.cross_replace, infer.p2p.self_replace, infer.p2p.mode) == (0.8, 0.5, "refine")
+    assert (infer.p2p.blend_threshold, infer.p2p.blend_start) == (0.3, 0.2)
+    virtual = infer.virtual  # SPEC §9: the SPL app's editor
+    assert (virtual.steps, virtual.source_guidance, virtual.target_guidance) == (15, 1.0, 2.0)
+    assert (virtual.cross_replace, virtual.self_replace, virtual.eta) == (0.8, 0.8, 1.0)
+    assert (virtual.thresh_e, virtual.thresh_m) == (0.6, 0.6)
+    assert infer.method == "auto" and infer.resolved_method() == "virtual"
     spl = infer.spl
     assert (spl.structure, spl.color, spl.structure_weight, spl.color_weight) == (True, False, 1e4, 1e3)
     assert (spl.iterations, spl.opt_schedule, spl.postprocess, spl.radius, spl.eps) == (
@@ -55,13 +61,15 @@ def test_spec_section7_defaults() -> None:
         5,
         1e-4,
     )
-    assert (spl.mask_threshold, spl.mask_invert, spl.area, spl.mask_radius, spl.mask_eps) == (
+    assert (spl.structure_area, spl.color_area) == ("whole", "whole")
+    mask = infer.mask
+    assert (mask.source_threshold, mask.target_threshold, mask.source_invert, mask.target_invert) == (
+        0.5,
         0.5,
         False,
-        "whole",
-        1,
-        1e-2,
+        False,
     )
+    assert (mask.radius, mask.eps, mask.inputs) == (1, 1e-2, "preview")
     assert infer.seed == 0
 
 
@@ -74,8 +82,8 @@ def test_overrides_are_typed_by_the_schema() -> None:
             "steps=20",
             "guidance=5",
             "spatial_control=false",
-            "reweight={bangs: 2}",
-            "spl.mask_words_source=[woman, hair]",
+            "p2p.reweight={bangs: 2}",
+            "mask.source_words=[woman, hair]",
             "nti.lr=0.02",
             "ckpt=null",
         ],
@@ -85,8 +93,8 @@ def test_overrides_are_typed_by_the_schema() -> None:
     assert cfg.steps == 20 and isinstance(cfg.steps, int)
     assert cfg.guidance == 5.0 and isinstance(cfg.guidance, float)
     assert cfg.spatial_control is False
-    assert cfg.reweight == {"bangs": 2.0}
-    assert cfg.spl.mask_words_source == ["woman", "hair"]
+    assert cfg.p2p.reweight == {"bangs": 2.0}
+    assert cfg.mask.source_words == ["woman", "hair"]
     assert cfg.nti.lr == 0.02 and cfg.ckpt is None
     assert parse_config(
         TrainConfig, ["placeholder=[I]", "spatial.mask_timesteps=[100, 300]"]
@@ -97,9 +105,9 @@ def test_overrides_are_typed_by_the_schema() -> None:
 
 
 def test_config_file_then_overrides(tmp_path: Path) -> None:
-    (tmp_path / "mine.yaml").write_text("steps: 30\nspl:\n  iterations: 7\nreweight: {a: 0.5}\n")
+    (tmp_path / "mine.yaml").write_text("steps: 30\nspl:\n  iterations: 7\np2p:\n  reweight: {a: 0.5}\n")
     cfg = parse_config(InferConfig, [f"config={tmp_path / 'mine.yaml'}", "steps=40"], INFER_YAML)
-    assert (cfg.steps, cfg.spl.iterations, cfg.reweight) == (40, 7, {"a": 0.5})
+    assert (cfg.steps, cfg.spl.iterations, cfg.p2p.reweight) == (40, 7, {"a": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -112,9 +120,9 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         (["steps=2.5"], "config key 'steps' expects int"),
         (["guidance=high"], "config key 'guidance' expects float"),
         (["spl.structure=maybe"], "config key 'spl.structure' expects bool"),
-        (["mode=foo"], "config key 'mode' must be one of refine, replace; got 'foo'"),
-        (["inversion=nti"], "must be one of null_text, negative_prompt, ddim"),
-        (["reweight=3"], "config key 'reweight' expects mapping"),
+        (["p2p.mode=foo"], "p2p.mode='foo' must be one of refine, replace"),
+        (["inversion=nti"], "must be one of null_text, direct, negative_prompt, ddim"),
+        (["p2p.reweight=3"], "config key 'p2p.reweight' expects mapping"),
         (["steps=null"], "config key 'steps' expects int, got 'null'"),
         (["hello"], "argument 'hello' is not of the form key=value"),
         (["config=/nonexistent/x.yaml"], "config file '/nonexistent/x.yaml' does not exist"),

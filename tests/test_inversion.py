@@ -12,19 +12,16 @@ import torch
 
 from editkit.errors import InputError
 from editkit.images import load_image
+from s2edit.diffusion import DDIMSchedule, ddim_step, predicted_x0, to_epsilon
 from s2edit.inversion import (
-    DDIMSchedule,
-    NullTextSettings,
     cache_paths,
-    ddim_step,
     inversion_key,
     invert,
     load_or_invert,
-    predicted_x0,
     reconstruct,
-    to_epsilon,
 )
 from s2edit.models import StableDiffusion, load_stable_diffusion
+from s2edit.settings import NullTextSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
@@ -63,7 +60,7 @@ def inversions(sd, image) -> dict:
     nti = NullTextSettings(inner_steps=10, lr=TINY_NTI_LR)
     return {
         method: invert(sd, image, PROMPT, method, STEPS, GUIDANCE, nti, progress=False)
-        for method in ("ddim", "negative_prompt", "null_text")
+        for method in ("ddim", "negative_prompt", "null_text", "direct")
     }
 
 
@@ -107,6 +104,34 @@ def test_null_text_reconstructs_far_better_than_ddim_at_guidance_7_5(sd, inversi
     assert null_text == pytest.approx(inversions["null_text"].losses[-1], rel=1e-3)
 
 
+def test_direct_inversion_reconstructs_to_float_precision(sd, inversions) -> None:
+    """Direct Inversion (SPEC §3): the offsets put the source branch back on z*_t after every step, so the
+    reconstruction at w = 7.5 is exact up to float error — far below DDIM and null-text."""
+    errors = {method: latent_error(sd, inversions[method]) for method in ("ddim", "null_text", "direct")}
+    assert errors["direct"] < 1e-8, errors  # an RMS of 1e-4 on latents of unit scale: float32 rounding
+    assert errors["direct"] < 1e-6 * errors["null_text"] < 1e-6 * errors["ddim"], errors
+    direct = inversions["direct"]
+    assert direct.offsets.shape == (STEPS, *direct.z0.shape[1:]) and direct.null_prompt == ""
+    assert direct.offsets.abs().max() > 1e-3  # guidance 7.5 really leaves the trajectory without them
+    with torch.no_grad():
+        assert torch.equal(direct.null_embedding(3), sd.encode_prompt([""]))
+
+
+def test_direct_offsets_by_hand_on_the_first_step(sd, inversions) -> None:
+    """offset_0 = z*_{N−1} − DDIM_step(CFG(ε_∅, ε_c, w), t_0, z*_N), computed without the library loop."""
+    direct = inversions["direct"]
+    schedule = DDIMSchedule.from_scheduler(sd.scheduler, STEPS)
+    with torch.no_grad():
+        embeds = torch.cat([sd.encode_prompt([""]), sd.encode_prompt([PROMPT])])
+        z = direct.latents[-1:].to(sd.device)
+        eps = sd.unet(z.expand(2, -1, -1, -1), schedule.timesteps[0], encoder_hidden_states=embeds).sample
+        guided = eps[:1] + GUIDANCE * (eps[1:] - eps[:1])
+        alpha, alpha_prev = float(schedule.alphas[0]), float(schedule.alphas_prev[0])
+        x0 = (z - (1 - alpha) ** 0.5 * guided) / alpha**0.5
+        expected = direct.latents[-2] - (alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * guided)[0]
+    torch.testing.assert_close(direct.offsets[0], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_inversion_shapes_and_unconditional_embeddings(sd, inversions) -> None:
     null_text, negative, ddim = inversions["null_text"], inversions["negative_prompt"], inversions["ddim"]
     latent = (1, sd.latent_channels, RESOLUTION // sd.vae_scale_factor, RESOLUTION // sd.vae_scale_factor)
@@ -122,13 +147,19 @@ def test_inversion_shapes_and_unconditional_embeddings(sd, inversions) -> None:
     assert torch.allclose(null_text.latents, ddim.latents) and torch.allclose(negative.latents, ddim.latents)
 
 
-def test_early_stop_keeps_the_initial_embedding(sd, image) -> None:
-    nti = NullTextSettings(inner_steps=5, early_stop=1e3)
+def test_early_stop_keeps_one_update_when_the_first_loss_is_under_the_threshold(sd, image) -> None:
+    # SPEC §3 / the reference: compute the loss, take the Adam step, THEN stop if that loss was small
+    nti = NullTextSettings(inner_steps=5, lr=TINY_NTI_LR, early_stop=1e3)
     inversion = invert(sd, image, PROMPT, "null_text", 3, GUIDANCE, nti, progress=False)
-    assert inversion.inner_steps == [0, 0, 0]  # the first evaluation already meets the threshold
+    assert inversion.inner_steps == [1, 1, 1]
     with torch.no_grad():
         empty = sd.encode_prompt([""])
-    assert all(torch.equal(inversion.null_embedding(i), empty) for i in range(3))
+    assert not torch.equal(inversion.null_embedding(0), empty)  # ∅_0 is the embedding after that update
+    # one Adam step from "" with lr 0.1 moves every coordinate by at most ~lr (Adam's first step is ±lr)
+    assert float((inversion.null_embedding(0) - empty).abs().max()) <= TINY_NTI_LR * (1 + 1e-3)
+    nti = NullTextSettings(inner_steps=0)
+    none = invert(sd, image, PROMPT, "null_text", 3, GUIDANCE, nti, progress=False)
+    assert none.inner_steps == [0, 0, 0] and torch.equal(none.null_embedding(2), empty)
 
 
 def test_fast_null_text_equals_the_straightforward_reference(sd, image) -> None:
@@ -144,7 +175,7 @@ def test_fast_null_text_equals_the_straightforward_reference(sd, image) -> None:
 
 
 def test_negative_inner_steps_are_refused() -> None:
-    with pytest.raises(InputError, match="nti inner_steps=-1 must be >= 0"):
+    with pytest.raises(InputError, match=r"NullTextSettings.inner_steps=-1 must be >= 0"):
         NullTextSettings(inner_steps=-1)
 
 
@@ -209,6 +240,46 @@ def test_cache_hit_miss_and_invalidation(sd, image, tmp_path) -> None:
     tensors, record = cache_paths(tmp_path, key)
     assert json.loads(record.read_text())["key"]["prompt"] == PROMPT
     tensors.write_bytes(b"not safetensors")  # a corrupt entry is recomputed, never trusted
-    again = run()
+    with pytest.warns(UserWarning, match="is corrupt .*recomputing and replacing it"):
+        again = run()
     assert not again.cached and torch.allclose(again.null_embeddings, first.null_embeddings)
-    assert run().cached
+    assert run().cached  # … and replaced by a valid entry
+
+
+def test_a_cache_entry_with_nan_or_wrong_shapes_is_recomputed_with_one_warning(sd, image, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    def run():
+        return load_or_invert(sd, image, PROMPT, tmp_path, "w", "direct", 3, GUIDANCE, progress=False)
+
+    first = run()
+    assert not first.cached and run().cached  # Direct Inversion is cached like null-text, offsets included
+    assert torch.equal(run().offsets, first.offsets)
+    tensors = next(tmp_path.glob("inversion-*.safetensors"))
+    for name, corrupt in (
+        ("offsets", lambda t: torch.full_like(t, float("nan"))),
+        ("latents", lambda t: t[:-1].contiguous()),
+        ("null_embeddings", lambda t: t.double()),
+    ):
+        stored = load_file(str(tensors))
+        stored[name] = corrupt(stored[name])
+        save_file(stored, str(tensors))
+        with pytest.warns(UserWarning) as caught:
+            again = run()
+        assert len(caught) == 1 and "is corrupt" in str(caught[0].message), name
+        assert not again.cached and torch.equal(again.offsets, first.offsets)
+        assert bool(torch.isfinite(load_file(str(tensors))["offsets"]).all())  # the entry was replaced
+
+
+def test_temp_files_of_a_killed_save_are_removed_by_the_next_run(sd, image, tmp_path) -> None:
+    import os
+    import time as time_module
+
+    stale = tmp_path / ".inversion-0123456789abcdef0123.safetensors.ab12cd34ef56.tmp"
+    fresh = tmp_path / ".inversion-0123456789abcdef0123.json.0011aabbccdd.tmp"
+    stale.write_bytes(b"half a file")
+    fresh.write_bytes(b"a save in progress")
+    old = time_module.time() - 3600
+    os.utime(stale, (old, old))
+    load_or_invert(sd, image, PROMPT, tmp_path, "w", "ddim", 2, GUIDANCE, progress=False)
+    assert not stale.exists() and fresh.exists()  # a temp file of a live save is never touched

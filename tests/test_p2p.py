@@ -15,7 +15,8 @@ from s2edit.p2p import (
     build_p2p,
     cross_replace_schedule,
     global_alignment,
-    prompt_words,
+    injection_steps,
+    prompt_word_ids,
     refine_mapping,
     replace_mapping,
 )
@@ -52,12 +53,24 @@ def test_alignment_of_a_substituted_word_and_a_two_token_insert() -> None:
     assert global_alignment(source, inserted) == [0, NEW_TOKEN, NEW_TOKEN, 1, 2, 3, 4, 5, 6]
 
 
-def test_refine_mapping_pads_with_padding_and_sets_alphas() -> None:
+def test_refine_mapping_maps_target_padding_p_to_source_position_p() -> None:
+    # P2P get_mapper: mapper[len(target):] = arange: target padding position p takes source position p
+    # "a cat" → "a fluffy cat"
     index, alphas = refine_mapping([BOS, 1, 4, EOS], [BOS, 1, 9, 4, EOS], context=8)
-    assert index.tolist() == [0, 1, NEW_TOKEN, 2, 3, 4, 5, 6]  # padding 5,6,7 ← source padding 4,5,6
+    assert index.tolist() == [0, 1, NEW_TOKEN, 2, 3, 5, 6, 7]
     assert alphas.tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
-    index, _ = refine_mapping([BOS, 1, 9, 4, EOS], [BOS, 1, 4, EOS], context=8)
-    assert index.tolist() == [0, 1, 3, 4, 5, 6, 7, 7]  # source padding runs out: its last position
+    index, _ = refine_mapping([BOS, 1, 9, 4, EOS], [BOS, 1, 4, EOS], context=8)  # a deletion
+    assert index.tolist() == [0, 1, 3, 4, 4, 5, 6, 7]
+
+
+def test_a_repeated_token_pairs_with_its_first_candidate() -> None:
+    # "the the the cat" → "the cat": ties are broken left, up, diagonal in every cell (seq_aligner), so the
+    # traceback climbs past the later "the"s and pairs the target's "the" with the first one (worked by
+    # hand in the traceback: (4,2) and (3,2) take "up", (2,2) the diagonal)
+    the, cat = 7, 8
+    assert global_alignment([BOS, the, the, the, cat, EOS], [BOS, the, cat, EOS]) == [0, 1, 4, 5]
+    index, alphas = refine_mapping([BOS, the, the, the, cat, EOS], [BOS, the, cat, EOS], context=8)
+    assert index.tolist() == [0, 1, 4, 5, 4, 5, 6, 7] and alphas.tolist() == [1] * 8
 
 
 def test_refine_mapping_on_real_prompts(tokenizer) -> None:
@@ -71,25 +84,32 @@ def test_refine_mapping_on_real_prompts(tokenizer) -> None:
 
 
 def test_replace_mapper_swaps_words_one_to_one_and_spreads_uneven_words() -> None:
-    # words: "a" [1], "cat" [4] → "a" [1], "hippo" [5, 6, 7]
+    # words: "a" [1], "cat" [4] → "a" [1], "hippo" [5, 6, 7]; P2P get_replacement_mapper_ by hand:
+    # i=0,1: (0,0), (1,1); "cat" at i=2: (2, 2:5) = 1/3; no replaced word left: (j, j) for j = 5…9
     mapper = replace_mapping([[1], [4]], [[1], [5, 6, 7]], context=10)
-    torch.testing.assert_close(mapper.sum(dim=1), torch.ones(10))  # every source column fully given
-    assert mapper[0, 0] == mapper[1, 1] == 1  # start token, "a"
-    torch.testing.assert_close(mapper[2, 2:5], torch.full((3,), 1 / 3))  # "cat" spread over 3 tokens
-    assert mapper[3, 5] == 1  # end token
-    assert [int(mapper[s].argmax()) for s in range(4, 10)] == [6, 7, 8, 9, 9, 9]  # padding, then folded
+    expected = torch.zeros(10, 10)
+    expected[0, 0] = expected[1, 1] = 1
+    expected[2, 2:5] = 1 / 3
+    for j in range(5, 10):
+        expected[j, j] = 1
+    torch.testing.assert_close(mapper, expected)
 
     same_length = replace_mapping([[1], [4], [8, 9]], [[1], [5], [8, 9]], context=8)
     torch.testing.assert_close(same_length, torch.eye(8))  # a one-token swap keeps positions
 
-    shorter = replace_mapping([[1], [5, 6]], [[1], [4]], context=8)
-    torch.testing.assert_close(shorter.sum(dim=1), torch.ones(8))
-    assert shorter[2, 2] == shorter[3, 2] == 1  # both source tokens feed the one target token
-    assert shorter[:, 7].sum() == 0  # target padding without a source partner: keeps its own map
+    # "a cat sat" → "a kitty-cat sat" with the replaced word first: tokens after it stay shifted while
+    # replaced words remain, then map position to position
+    shorter = replace_mapping([[1], [5, 6], [3]], [[1], [4], [3]], context=8)
+    expected = torch.zeros(8, 8)
+    expected[0, 0] = expected[1, 1] = 1
+    expected[2, 2] = expected[3, 2] = 1  # both source tokens feed the one target token
+    for j in range(3, 7):  # i = 4 ↔ j = 3, but after the last replaced word target j takes source j,
+        expected[j, j] = 1  # until i runs out of the context: target position 7 receives no map
+    torch.testing.assert_close(shorter, expected)
 
 
 def test_replace_mode_on_real_prompts_and_word_count_check(tokenizer) -> None:
-    words = prompt_words(tokenizer, "a photo of a cat, sleeping")
+    words = prompt_word_ids(tokenizer, "a photo of a cat, sleeping")
     assert len(words) == 6 and len(words[4]) == 2  # "cat," is one word of two tokens
     p2p = build_p2p(tokenizer, "a photo of a cat", ["a photo of a dog"], num_steps=4, mode="replace")
     context = tokenizer.model_max_length
@@ -102,15 +122,38 @@ def test_replace_mode_on_real_prompts_and_word_count_check(tokenizer) -> None:
 # ------------------------------------------------------------------------------- schedules and inputs
 
 
+@pytest.mark.parametrize(
+    ("steps", "fraction", "cross", "self_"),
+    [  # P2P: cross i < int(f·(T+1)) (alpha table of T+1 rows), self i < int(f·T), Python truncation
+        (50, 0.8, 40, 40),
+        (10, 0.75, 8, 7),  # int(8.25), int(7.5): floor(f·T) = 7 would drop a cross step
+        (4, 0.8, 4, 3),
+        (20, 0.5, 10, 10),
+        (10, 0.3, 3, 3),
+        (7, 0.7, 5, 4),  # 0.7·7 = 4.8999…: 4
+        (100, 0.29, 29, 28),  # 0.29·100 = 28.999…96: truncation gives 28, not 29
+        (10, 1.0, 11, 10),
+        (10, 0.0, 0, 0),
+    ],
+)
+def test_injection_step_counts_follow_the_reference(steps, fraction, cross, self_, tokenizer) -> None:
+    schedule = cross_replace_schedule(tokenizer, ["a photo of a dog"], steps, cross_replace=fraction)
+    assert schedule.shape == (steps + 1, 1, tokenizer.model_max_length)
+    assert int(schedule[:, 0, 0].sum()) == cross and injection_steps(fraction, steps + 1) == cross
+    controller = PromptToPrompt(steps, schedule, fraction, index=torch.zeros(1, 77, dtype=torch.long),
+                                alphas=torch.ones(1, 77))
+    assert controller.self_steps == self_
+
+
 def test_cross_replace_schedule_with_per_word_fraction(tokenizer) -> None:
     target = "a photo of a dog"
     schedule = cross_replace_schedule(tokenizer, [target], 10, cross_replace=0.8, words={"dog": 0.3})
     dog = word_token_indices(tokenizer, target, "dog")
     others = [k for k in range(tokenizer.model_max_length) if k not in dog]
-    assert schedule.shape == (10, 1, tokenizer.model_max_length)
-    assert schedule[:, 0, others].amin(dim=1).tolist() == [1] * 8 + [0] * 2
-    assert schedule[:, 0, others].amax(dim=1).tolist() == [1] * 8 + [0] * 2
-    assert schedule[:, 0, dog[0]].tolist() == [1] * 3 + [0] * 7
+    assert schedule.shape == (11, 1, tokenizer.model_max_length)
+    assert schedule[:, 0, others].amin(dim=1).tolist() == [1] * 8 + [0] * 3  # int(0.8·11) = 8
+    assert schedule[:, 0, others].amax(dim=1).tolist() == [1] * 8 + [0] * 3
+    assert schedule[:, 0, dog[0]].tolist() == [1] * 3 + [0] * 8  # int(0.3·11) = 3
     with pytest.raises(InputError, match="'tiger'"):
         cross_replace_schedule(tokenizer, [target], 10, words={"tiger": 0.3})
 
@@ -152,10 +195,10 @@ def _call(is_cross: bool, level: int = 4) -> AttentionCall:
 def _refine_controller(num_steps: int = 4, cross: float = 1.0, self_replace: float = 0.5, reweight=None):
     # source [BOS, 1, 4, EOS, pad, pad] → target [BOS, 1, 9, 4, EOS, pad]: token 2 is new
     index, alphas = refine_mapping([BOS, 1, 4, EOS], [BOS, 1, 9, 4, EOS], context=K)
-    schedule = torch.zeros(num_steps, 1, K)
+    schedule = torch.zeros(num_steps + 1, 1, K)
     schedule[: int(cross * num_steps)] = 1.0
     controller = PromptToPrompt(
-        num_steps, alphas[None], schedule, self_replace, index=index[None], reweight=reweight
+        num_steps, schedule, self_replace, index=index[None], alphas=alphas[None], reweight=reweight
     )
     controller.conditional_rows = slice(2, 4)  # CFG batch: [uncond source, uncond target, source, target]
     return controller, index
@@ -187,14 +230,15 @@ def test_after_the_cross_schedule_the_target_is_untouched() -> None:
 
 def test_replace_mapper_injection_follows_the_mapper() -> None:
     mapper = replace_mapping([[1], [4]], [[1], [5, 6]], context=K)  # "cat" → a 2-token word
-    schedule = torch.ones(2, 1, K)
-    controller = PromptToPrompt(2, torch.ones(1, K), schedule, 0.0, mapper=mapper[None])
+    schedule = torch.ones(3, 1, K)
+    controller = PromptToPrompt(2, schedule, 0.0, mapper=mapper[None])
     probs = _probs(2)
     edited = controller(probs, _call(True)).view(2, HEADS, -1, K)
     source = probs.view(2, HEADS, -1, K)[0]
     torch.testing.assert_close(edited[1], source @ mapper)
     torch.testing.assert_close(edited[1][..., 2], source[..., 2] / 2)  # spread evenly over 2 tokens
-    torch.testing.assert_close(edited[1].sum(-1), torch.ones(HEADS, SIZE[0] * SIZE[1]))  # still sums to 1
+    torch.testing.assert_close(edited[1][..., 3], source[..., 2] / 2)
+    torch.testing.assert_close(edited[1][..., 4:], source[..., 4:])  # then position p ← position p
 
 
 def test_self_attention_injected_only_at_coarse_levels_and_early_steps() -> None:
@@ -211,18 +255,22 @@ def test_self_attention_injected_only_at_coarse_levels_and_early_steps() -> None
         assert torch.equal(coarse[3], original[2] if step < 2 else original[3])
 
 
-def test_reweight_multiplies_exactly_that_column() -> None:
+def test_reweight_scales_the_injected_maps_and_is_off_after_the_injection() -> None:
     factors = torch.ones(1, K)
-    factors[0, 3] = 2.5
+    factors[0, 3] = 2.5  # target token 3 ("cat", source position 2)
+    factors[0, 2] = 0.5  # target token 2 is new: its own map, reweighted (P2P: refine, then equalizer)
     controller, _ = _refine_controller(num_steps=4, cross=0.5, reweight=factors)
-    controller.step = 3  # after the injection: only the reweighting acts
     probs = _probs(4)
-    edited = controller(probs, _call(True)).view(4, HEADS, -1, K)
     original = probs.view(4, HEADS, -1, K)
-    assert torch.equal(edited[3][..., 3], original[3][..., 3] * 2.5)
-    others = [k for k in range(K) if k != 3]
-    assert torch.equal(edited[3][..., others], original[3][..., others])
+    controller.step = 1  # inside the injection window (steps 0, 1)
+    edited = controller(probs, _call(True)).view(4, HEADS, -1, K)
+    torch.testing.assert_close(edited[3][..., 3], original[2][..., 2] * 2.5)
+    torch.testing.assert_close(edited[3][..., 2], original[3][..., 2] * 0.5)
+    torch.testing.assert_close(edited[3][..., 0], original[2][..., 0])
     assert torch.equal(edited[:3], original[:3])
+    for step in (2, 3):  # after the injection: the target attends freely, no reweighting (SPEC §4)
+        controller.step = step
+        assert torch.equal(controller(probs, _call(True)), probs)
 
 
 def test_build_reweight_table_on_the_word_tokens(tokenizer) -> None:
@@ -264,6 +312,28 @@ def test_local_blend_keeps_the_target_only_where_the_words_attend() -> None:
 
     early = blend(latents, _store_with(maps, step=1), step=1)  # before start·T = 2
     assert torch.equal(early, latents)
+
+
+def test_local_blend_reads_the_maps_summed_over_all_steps_so_far() -> None:
+    word_alphas = torch.zeros(2, K)
+    word_alphas[0, 4] = 1.0  # source word: never attended in these maps
+    word_alphas[1, 2] = 1.0  # target word
+    blend = LocalBlend(word_alphas, num_steps=10, threshold=0.3, start=0.0)
+    first, second = torch.zeros(2, 2, 4, 4, K)
+    first[1, 0, 0, 2] = 1.0  # step 0: the target word attends to the top-left cell
+    second[1, 3, 3, 2] = 1.0  # step 1: to the bottom-right cell
+    store = AttentionStore(levels=(4,))
+    store.maps = {0: {"down": first}, 1: {"down": second}}
+    store.layer_levels = {"down": 4}
+    latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = blend(latents, store, step=1)
+    # sum of both steps → 3×3 max-pool → nearest ×2: two 4×4 blocks (P2P's mask from the summed store);
+    # the current step alone would give the bottom-right block only
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[0:4, 0:4] = expected[4:8, 4:8] = True
+    torch.testing.assert_close(out[1][:, expected], latents[1][:, expected])
+    assert torch.equal(out[1][:, ~expected], latents[0][:, ~expected])
+    assert torch.equal(blend(latents, store, step=0)[1][:, 4:8, 4:8], latents[0][:, 4:8, 4:8])  # step 0 only
 
 
 def test_build_local_blend_marks_the_words_of_each_prompt(tokenizer) -> None:
@@ -323,7 +393,7 @@ def test_cfg_rows_untouched_and_local_blend_on_the_stored_maps(sd: StableDiffusi
     p2p = build_p2p(sd.tokenizer, SOURCE, [TARGET], num_steps=1, cross_replace=1.0, self_replace=1.0,
                     blend_words=[["cat"], ["dog"]], blend_start=0.0, blend_threshold=0.8)
     store = AttentionStore(levels=(p2p.local_blend.level,))
-    chain = ControllerChain([p2p, store])
+    chain = ControllerChain([store, p2p])  # the store sees the maps before the edit (SPEC §4)
     chain.conditional_rows = slice(2, 4)  # [uncond source, uncond target, source, target]
     with controlled_attention(sd.unet, chain):
         edited = sd.unet(batch, times, encoder_hidden_states=context).sample
