@@ -1,8 +1,9 @@
-"""Benchmark the editing stage: inversion (null_text vs negative_prompt), one edit, one edit with SPL.
+"""Benchmark the editing stage: inversions (null_text, direct, negative_prompt), P2P edits, the virtual edit.
 
     python benchmarks/edit_bench.py [--presets tiny sd-v1-random] [--resolution 256] [--steps 20 3]
                                     [--inner-steps 10] [--early-stop 1e-5] [--spl-iterations 100]
-                                    [--device cpu|cuda] [--threads N] [--repeats 1] [--system-malloc]
+                                    [--virtual-steps 15] [--device cpu|cuda] [--threads N] [--repeats 1]
+                                    [--system-malloc]
 
 The null-text inversion of `s2edit.inversion` is compared, in the same run and on the same inputs, with
 `reference_null_text` below: the same algorithm (same early stop, same stored ∅_i, hence the same
@@ -15,6 +16,11 @@ forward + backward to the text embedding) and the speed-up their costs predict (
 random weights every saving is a 1-row pass run instead of a 2-row one, so this is what the hardware
 lets the fast version gain. `--early-stop` raises the NTI threshold to show the early-stopping
 regime that trained weights reach and random weights never do.
+
+Two more comparisons run in the same process on the same image: Direct Inversion against null-text
+inversion (seconds, and the latent MSE of each reconstruction at guidance 7.5), and a first training-free
+edit by virtual inversion (`--virtual-steps`, SPL on) against null-text inversion + P2P edit with SPL
+(the preset's steps), end to end.
 
 Models are random (no downloads): their UNet output layer is damped ×0.1 (as in the tests) so that the
 DDIM trajectories are well conditioned and both implementations can be compared numerically; timing
@@ -41,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editkit.images import load_image
 from s2edit.diffusion import DDIMSchedule, ddim_step
-from s2edit.inversion import DEFAULT_NTI, ddim_inversion, invert
+from s2edit.inversion import DEFAULT_NTI, ddim_inversion, invert, reconstruct
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.runtime import retain_freed_memory
-from s2edit.settings import NullTextSettings
+from s2edit.settings import NullTextSettings, SPLSettings, VirtualSettings
 
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
 SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
@@ -147,10 +153,11 @@ def pass_costs(sd: StableDiffusion, image: torch.Tensor, args: argparse.Namespac
     """Seconds of one UNet pass with 1 and 2 rows, forward only and forward + backward to the text
     embedding (frozen weights), at the image's latent size; and the NTI speed-up they predict.
 
-    Per denoising step with k Adam updates, the reference runs (k + 1) 2-row forwards with a graph, k
-    backwards and a 2-row advance; the fast version a 1-row ε_c forward, k 1-row forward+backward passes
-    and one 1-row forward. The ratio of those sums is what any implementation of this algorithm can gain
-    over the reference on this hardware: it is bounded by cost(2 rows) / cost(1 row).
+    Per denoising step with k Adam updates, the reference runs k 2-row forward+backward passes and a 2-row
+    advance; the fast version a 1-row ε_c forward, k 1-row forward+backward passes and one 1-row forward
+    (the advance). The ratio of those sums is what any implementation of this algorithm can gain over the
+    reference on this hardware: it is bounded by cost(2 rows) / cost(1 row). Early stopping keeps at least
+    one update per step (SPEC §3), the "stop 1" column.
     """
     latent = torch.zeros(1, sd.latent_channels, *(side // sd.vae_scale_factor for side in image.shape[-2:]))
     t = torch.tensor(500, device=args.device)
@@ -171,16 +178,16 @@ def pass_costs(sd: StableDiffusion, image: torch.Tensor, args: argparse.Namespac
             # the median of 5: single CPU passes vary by ±25 % on a shared machine, the minimum is too kind
             runs = [timed(partial(one_pass, rows, backward), args.device, 1)[0] for _ in range(5)]
             costs[rows, backward] = statistics.median(runs)
-    k = args.inner_steps
-    reference = k * costs[2, True] + 2 * costs[2, False]
-    fast = k * costs[1, True] + 2 * costs[1, False]
+    def predicted(k: int) -> float:
+        return (k * costs[2, True] + costs[2, False]) / (k * costs[1, True] + 2 * costs[1, False])
+
     return {
         "f1": costs[1, False],
         "f2": costs[2, False],
         "fb1": costs[1, True],
         "fb2": costs[2, True],
-        "predicted_all": reference / fast,
-        "predicted_stop0": 2 * costs[2, False] / (2 * costs[1, False]),
+        "predicted_all": predicted(args.inner_steps),
+        "predicted_stop1": predicted(1),
     }
 
 
@@ -210,16 +217,34 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
         args.device,
         args.repeats,
     )
-    editor = Editor(sd, weights=preset, progress=False)
-    row["edit_s"], _ = timed(
-        lambda: editor.edit(inversion, [TARGET], structure=False, postprocess=False),
+    row["direct_s"], direct = timed(
+        lambda: invert(sd, image, SOURCE, "direct", steps, GUIDANCE, progress=False),
         args.device,
         args.repeats,
     )
+    row["direct_speedup"] = row["null_text_s"] / row["direct_s"]
+    with torch.no_grad():
+        row["null_text_error"] = float((reconstruct(sd, inversion).cpu() - inversion.z0).pow(2).mean())
+        row["direct_error"] = float((reconstruct(sd, direct).cpu() - direct.z0).pow(2).mean())
+    editor = Editor(sd, weights=preset, progress=False)
+    row["edit_s"], _ = timed(
+        lambda: editor.edit(inversion, [TARGET], spl=SPLSettings(structure=False, postprocess=False)),
+        args.device,
+        args.repeats,
+    )
+    spl = SPLSettings(iterations=args.spl_iterations)
     row["edit_spl_s"], result = timed(
-        lambda: editor.edit(inversion, [TARGET], iterations=args.spl_iterations), args.device, args.repeats
+        lambda: editor.edit(inversion, [TARGET], spl=spl), args.device, args.repeats
     )
     row["spl_steps"] = len(result.metrics["spl_in_loop"])
+    virtual = VirtualSettings(steps=args.virtual_steps)
+    row["virtual_s"], result = timed(
+        lambda: editor.edit_virtual(image, SOURCE, [TARGET], virtual=virtual, spl=spl),
+        args.device,
+        args.repeats,
+    )
+    row["virtual_spl_steps"] = len(result.metrics["spl_in_loop"])
+    row["first_edit_speedup"] = (row["null_text_s"] + row["edit_spl_s"]) / row["virtual_s"]
     row["costs"] = pass_costs(sd, image, args)
     return row
 
@@ -240,6 +265,7 @@ def main() -> None:
         "--early-stop", type=float, default=1e-5, help="NTI threshold ε (random weights never reach 1e-5)"
     )
     parser.add_argument("--spl-iterations", type=int, default=100)
+    parser.add_argument("--virtual-steps", type=int, default=15, help="steps of the virtual-inversion edit")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
@@ -264,6 +290,7 @@ def main() -> None:
         "preset", "size", "steps", "null_text s", "reference s", "speed-up", "max abs Δ∅", "same updates",
         "negative_prompt s", "edit s", "edit + SPL s (in-loop steps)",
     )  # fmt: skip
+    later = []
     rows = []
     for preset, n in zip(args.presets, steps):
         r = bench_preset(preset, n, args)
@@ -275,19 +302,37 @@ def main() -> None:
             f"{r['negative_prompt_s']:.2f} | {r['edit_s']:.2f} | {r['edit_spl_s']:.2f} ({r['spl_steps']}) |",
             flush=True,
         )
+        later.append(r)
+    print("\nDirect Inversion vs null-text (same run; reconstruction = latent MSE of z0 at guidance 7.5)")
+    print_header("preset", "steps", "null_text s", "direct s", "speed-up", "null_text MSE", "direct MSE")
+    for r in later:
+        print(
+            f"| {r['preset']} | {r['steps']} | {r['null_text_s']:.2f} | {r['direct_s']:.2f} | "
+            f"{r['direct_speedup']:.1f}× | {r['null_text_error']:.2e} | {r['direct_error']:.2e} |"
+        )
+    print(
+        f"\nFirst training-free edit: virtual inversion ({args.virtual_steps} steps, SPL) vs null-text "
+        "inversion + P2P edit with SPL (the preset's steps)"
+    )
+    print_header("preset", "null_text + edit s", "virtual s (in-loop SPL steps)", "speed-up")
+    for r in later:
+        print(
+            f"| {r['preset']} | {r['null_text_s'] + r['edit_spl_s']:.2f} | {r['virtual_s']:.2f} "
+            f"({r['virtual_spl_steps']}) | {r['first_edit_speedup']:.1f}× |"
+        )
     print(
         "\nUNet pass costs (s) and the NTI speed-up they predict (see pass_costs): every step spending all "
         f"{args.inner_steps} updates / every step stopping before its first update"
     )
     print_header(
         "preset", "1-row fwd", "2-row fwd", "1-row fwd+bwd", "2-row fwd+bwd", "predicted (all)",
-        "predicted (stop 0)",
+        "predicted (stop 1)",
     )  # fmt: skip
     for r in rows:
         c = r["costs"]
         print(
             f"| {r['preset']} | {c['f1']:.3f} | {c['f2']:.3f} | {c['fb1']:.3f} | {c['fb2']:.3f} | "
-            f"{c['predicted_all']:.2f}× | {c['predicted_stop0']:.2f}× |"
+            f"{c['predicted_all']:.2f}× | {c['predicted_stop1']:.2f}× |"
         )
     if args.device.startswith("cuda") and args.resolution == 512:
         print(

@@ -87,7 +87,9 @@ class TrainConfig:
                           choices=("auto", "32", "bf16-mixed"))
     accelerator: str = _opt("auto", "Lightning accelerator: auto, cpu, gpu (= cuda)",
                             choices=("auto", "cpu", "gpu", "cuda"))
-    image_log_every: int = _opt(50, "log input, reconstruction, masks and attention maps every N steps", ge=1)
+    image_log_every: int = _opt(
+        50, "log input, reconstruction, masks and attention maps every N steps (0: never)", ge=0
+    )
     checkpoint_every: int = _opt(100, "also save <out>/checkpoints/last.ckpt every N steps (0: at end/error)",
                                  ge=0)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

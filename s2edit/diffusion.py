@@ -226,7 +226,7 @@ class VirtualSampler(Sampler):
         source_row: int = 0,
     ) -> None:
         self.schedule = schedule
-        self.z0 = z0.float()
+        self.z0 = z0
         self.generator = generator
         self.eta = eta
         self.source_row = source_row

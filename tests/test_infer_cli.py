@@ -24,7 +24,7 @@ from s2edit.models import load_stable_diffusion
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
 FAST = ["resolution=128", "steps=4", "nti.inner_steps=2", "spl.iterations=3"]
-TRAINING_FREE = ["model=tiny", f"image={IMAGE}", "source=a photo of a cat"]
+TRAINING_FREE = ["model=tiny", f"image={IMAGE}", "source=a photo of a cat", "method=p2p"]
 LONG = " ".join(["very"] * 80)
 
 
@@ -70,10 +70,10 @@ def test_training_free_run_writes_every_output_and_caches_the_inversion(tmp_path
         "target=a photo of a lion",
         f"out={out}",
         *FAST,
-        "spl.area=masked",
-        "spl.mask_words_source=[cat]",
-        "spl.mask_words_target=[photo]",
-        "blend_words=[cat, tiger, lion]",
+        "spl.structure_area=masked",
+        "mask.source_words=[cat]",
+        "mask.target_words=[photo]",
+        "p2p.blend_words=[cat, tiger, lion]",
     ]
     code, stderr = run(argv, capsys)
     assert code == 0, stderr
@@ -154,6 +154,31 @@ def test_checkpoint_run_defaults_to_its_image_and_prompt_and_caches_beside_it(
     assert code == 0 and "cache hit" in stderr, stderr
 
 
+def test_virtual_method_writes_edit_masks_maps_and_report(tmp_path, capsys) -> None:
+    """The issue's command: a training-free edit by virtual inversion (SPEC §9), no inversion, seconds."""
+    out = tmp_path / "edit"
+    argv = [
+        "model=tiny", f"image={IMAGE}", "source=a photo of a cat", "target=a photo of a tiger",
+        "method=virtual", f"out={out}", "resolution=128", "spl.iterations=5", "spl.structure_area=masked",
+        "mask.source_words=[cat]", "mask.source_threshold=0.9",
+    ]
+    code, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    assert "inversion (" not in stderr  # nothing is inverted
+    for name in ("edit_0.png", "source.png", "reconstruction.png", "masks/source.png", "masks/mask_0.png",
+                 "attention/source/cat.png", "attention/target_0/tiger.png", "report.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "cache").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "virtual" and report["inversion"] is None
+    assert report["edit_settings"]["virtual"]["steps"] == 15
+    assert [r["step"] for r in report["metrics"]["spl_in_loop"]] == [12, 13, 14]
+    assert report["timings"]["inversion"] == 0.0 and report["timings"]["edit"]["preview"] > 0
+    # method=auto: training-free edits default to the virtual method
+    code, stderr = run([*argv[:4], f"out={tmp_path / 'auto'}", "resolution=128", "spl.iterations=2"], capsys)
+    assert code == 0 and json.loads((tmp_path / "auto" / "report.json").read_text())["method"] == "virtual"
+
+
 def test_bfloat16_run(tmp_path, capsys) -> None:
     out = tmp_path / "edit"
     fast = ["resolution=128", "steps=3", "nti.inner_steps=1", "spl.iterations=3", "spl.opt_schedule=0.6"]
@@ -174,12 +199,16 @@ def test_bfloat16_run(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["target=a photo of a dog", "spl.mask_words_source=[dog]"], "mask_words_source word 'dog'"),
-        (["target=a photo of a dog", "spl.mask_words_target=[cat]"], "mask_words_target word 'cat'"),
-        (["target=a photo of a dog", "blend_words=[tiger]"], "blend word 'tiger'"),
-        (["target=a photo of a fluffy dog", "mode=replace"], "use mode=refine"),
+        (["target=a photo of a dog", "mask.source_words=[dog]"], "mask.source_words word 'dog'"),
+        (["target=a photo of a dog", "mask.target_words=[cat]"], "mask.target_words word 'cat'"),
+        (["target=a photo of a dog", "p2p.blend_words=[tiger]"], "blend word 'tiger'"),
+        (["target=a photo of a fluffy dog", "p2p.mode=replace"], "use mode=refine"),
         ([f"target=a photo of a {LONG} dog"], "more than the 77"),
-        (["target=a photo of a dog", "spl.area=masked"], "needs mask words"),
+        (["target=a photo of a dog", "spl.structure_area=masked"], "needs mask words"),
+        (["target=a photo of a dog", "method=virtual", "virtual.blend_target=[cat]"],
+         "virtual.blend_target word 'cat'"),
+        (["target=a photo of a dog", "method=virtual", "spl.color=true", "spl.color_area=masked"],
+         "needs mask words"),
         ([], "no target prompt"),
         (["target=a photo of a dog", "image=nowhere.png"], "does not exist"),
     ],
@@ -255,7 +284,7 @@ def test_refused_pickle_file_and_overwriting_the_input(tmp_path, capsys) -> None
     ("args", "fragment"),
     [
         (
-            [*TRAINING_FREE, "target=a photo of a dog", "mode=replace", "target=a photo of a big dog"],
+            [*TRAINING_FREE, "target=a photo of a dog", "p2p.mode=replace", "target=a photo of a big dog"],
             "use mode=refine",
         ),
         (["ckpt={ckpt}", "target=a photo of a cat"], "does not contain the placeholder [I]"),

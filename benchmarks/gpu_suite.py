@@ -1,0 +1,253 @@
+"""One-call GPU benchmark: every GPU row of BENCHMARKS.md in one command (< 8 minutes on one H100/H200).
+
+    python benchmarks/gpu_suite.py [--out benchmarks/gpu_results.md] [--device cuda] [--resolution 512]
+    python benchmarks/gpu_suite.py --smoke --out /tmp/smoke.md      # tiny model, 2 steps, CPU (CI test)
+
+On the full-size random SD v1 (`sd-v1-random`, UNet output damped ×0.1 as in the tests so DDIM
+trajectories stay well conditioned; timing is unaffected) at 512², bf16 on the GPU, it measures:
+
+1. fine-tuning steps/s and peak memory: full and LoRA, with and without gradient checkpointing
+   (Lightning `Trainer.fit`, bf16-mixed, the paper's single image);
+2. null-text, direct and negative-prompt inversion at 50 steps (NTI: 10 inner steps; random weights
+   never reach its early stop, so this is its worst case);
+3. one P2P edit with in-loop SPL and post-processing (50 steps);
+4. 100 SPL iterations (`spl.refine`, SPL + CPL) at 512² and 1024²;
+5. the SPEC §9 virtual-inversion edit at 15 steps with SPL.
+
+It writes a Markdown table (with the machine, versions and the paper's A100 figures) to `--out` and
+prints it. `--smoke` runs the same code on the tiny model, 2 steps, 128², on the CPU, in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from editkit.files import atomic_path  # noqa: E402
+
+IMAGE = ROOT / "examples" / "chelsea.png"
+TRAIN_IMAGE = ROOT / "examples" / "astronaut.png"
+SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
+PAPER_A100 = {  # S2Edit §4 / SPEC §8, SD v1-4 at 512² on an A100
+    "fine-tune full": "~95 s (200 steps)",
+    "null_text inversion": "~113 s",
+    "P2P edit + SPL": "~9 s (edit)",
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    value = fn()
+    sync(device)
+    return time.perf_counter() - start, value
+
+
+def peak_gib(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "n/a (CPU)"
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+
+
+def reset_peak(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class StepTimer(L.Callback):
+    """Lightning callback: the time of each batch start and of the end of training."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, *_: object) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, *_: object) -> None:
+        sync(self.device)
+        self.starts.append(time.perf_counter())
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def fine_tuning(args: argparse.Namespace, rows: list[list[str]]) -> None:
+    """Steps/s of Lightning's fit after warm-up, and peak memory, for four configurations."""
+    import train
+    from editkit.config import parse_config
+    from s2edit.config import CONFIG_DIR, TrainConfig
+    from s2edit.data import S2EditDataModule
+    from s2edit.module import S2EditModule
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    warmup, steps = (1, 1) if args.smoke else (3, 10)
+    for method in ("full", "lora"):
+        for checkpointing in (False, True):
+            reset_peak(args.device)
+            argv = [
+                f"model={args.model}", f"resolution={args.resolution}", f"finetune.method={method}",
+                f"finetune.gradient_checkpointing={str(checkpointing).lower()}", "image_log_every=0",
+                f"image={TRAIN_IMAGE}", f"max_steps={warmup + steps}",
+                f"accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}",
+            ]
+            config = parse_config(TrainConfig, argv, CONFIG_DIR / "train.yaml")
+            pairs = train.check_inputs(config)
+            precision = train.lightning_precision(config.precision, config.accelerator)
+            L.seed_everything(0, verbose=False)
+            module = S2EditModule(config)
+            datamodule = S2EditDataModule(
+                pairs, module.sd, module.token_ids, warmup + steps, module.resolution
+            )
+            timer = StepTimer(args.device)
+
+            trainer = L.Trainer(
+                accelerator=config.accelerator, devices=1, precision=precision, max_steps=warmup + steps,
+                max_epochs=-1, gradient_clip_val=config.finetune.grad_clip, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                callbacks=[timer],
+            )
+            trainer.fit(module, datamodule=datamodule)
+            per_step = (timer.starts[-1] - timer.starts[warmup]) / steps
+            label = f"fine-tune {method}{' + grad. checkpointing' if checkpointing else ''} ({precision})"
+            paper = PAPER_A100["fine-tune full"] if (method, checkpointing) == ("full", False) else ""
+            speed = f"{1 / per_step:.2f} steps/s ({per_step:.3f} s/step)"
+            rows.append([label, speed, peak_gib(args.device), paper])
+            print(rows[-1], flush=True)
+
+
+def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
+    """Inversions, one P2P edit with SPL, and the virtual edit, on one damped model."""
+    from editkit.images import load_image
+    from s2edit.editing import Editor, resolve_dtype
+    from s2edit.models import load_stable_diffusion
+    from s2edit.settings import NullTextSettings, SPLSettings, VirtualSettings
+
+    reset_peak(args.device)
+    device = torch.device(args.device)
+    sd = load_stable_diffusion(args.model, device=device, dtype=resolve_dtype("auto", device), seed=0)
+    with torch.no_grad():
+        sd.unet.conv_out.weight.mul_(0.1)
+        sd.unet.conv_out.bias.mul_(0.1)
+    editor = Editor(sd, weights=args.model, progress=False)
+    image = load_image(IMAGE, args.resolution, multiple=sd.size_multiple)
+    steps = 2 if args.smoke else 50
+    dtype = str(sd.dtype).removeprefix("torch.")
+    inversions = {}
+    for method in ("null_text", "direct", "negative_prompt"):
+        reset_peak(args.device)
+        seconds, inversions[method] = timed(
+            lambda m=method: editor.invert(image, SOURCE, method=m, steps=steps, nti=NullTextSettings()),
+            args.device,
+        )
+        paper = PAPER_A100["null_text inversion"] if method == "null_text" else ""
+        label = f"{method} inversion, {steps} steps ({dtype})"
+        rows.append([label, f"{seconds:.1f} s", peak_gib(args.device), paper])
+        print(rows[-1], flush=True)
+    reset_peak(args.device)
+    seconds, result = timed(
+        lambda: editor.edit(inversions["null_text"], [TARGET], spl=SPLSettings()), args.device
+    )
+    spl_steps = len(result.metrics["spl_in_loop"])
+    rows.append([f"P2P edit, {steps} steps, SPL in {spl_steps} steps + post-processing", f"{seconds:.1f} s",
+                 peak_gib(args.device), PAPER_A100["P2P edit + SPL"]])
+    print(rows[-1], flush=True)
+    virtual = VirtualSettings(steps=2 if args.smoke else 15)
+    for spl in (SPLSettings(), SPLSettings(structure=False, postprocess=False)):
+        reset_peak(args.device)
+        seconds, result = timed(
+            lambda s=spl: editor.edit_virtual(image, SOURCE, [TARGET], virtual=virtual, spl=s), args.device
+        )
+        what = f"SPL in {len(result.metrics['spl_in_loop'])} steps + post" if spl.active else "no SPL"
+        rows.append([f"virtual edit (SPEC §9), {virtual.steps} steps, {what}", f"{seconds:.2f} s",
+                     peak_gib(args.device), "target < 2 s at 512² (H100/H200)"])
+        print(rows[-1], flush=True)
+
+
+def spl_iterations(args: argparse.Namespace, rows: list[list[str]]) -> None:
+    """100 iterations of `spl.refine` (SPL + CPL) at 512² and 1024²."""
+    from spl.refine import refine
+
+    iterations = 3 if args.smoke else 100
+    for side in ((128,) if args.smoke else (512, 1024)):
+        reset_peak(args.device)
+        generator = torch.Generator().manual_seed(0)
+        source, edited = (torch.rand(2, 1, 3, side, side, generator=generator) * 2 - 1).to(args.device)
+        refine(source, edited, iterations=2, color_weight=1e3)  # warm-up
+        seconds, _ = timed(lambda s=source, e=edited: refine(s, e, iterations=iterations, color_weight=1e3),
+                           args.device)
+        label = f"{iterations} SPL + CPL iterations at {side}²"
+        rows.append([label, f"{seconds:.3f} s", peak_gib(args.device), ""])
+        print(rows[-1], flush=True)
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def table(args: argparse.Namespace, rows: list[list[str]], seconds: float) -> str:
+    import diffusers
+    import lightning
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+    lines = [
+        f"### GPU suite ({'smoke: tiny model, 2 steps, 128², CPU' if args.smoke else args.model})",
+        "",
+        f"{datetime.date.today().isoformat()}, {device}, torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}, lightning {lightning.__version__}; {args.model} at {args.resolution}², "
+        f"whole suite {seconds:.0f} s.",
+        "",
+        "| measurement | result | peak GPU memory (GiB) | paper (A100, SD v1-4, 512²) / target |",
+        "|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu_results.md")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--model", default="sd-v1-random")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, 128², for CI on a CPU")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "edit", "spl"])
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.resolution = "tiny", 128
+    start = time.perf_counter()
+    rows: list[list[str]] = []
+    sections = {"train": fine_tuning, "edit": editing, "spl": spl_iterations}
+    for name, section in sections.items():
+        if name not in args.skip:
+            section(args, rows)
+    text = table(args, rows, time.perf_counter() - start)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The one-call GPU suite runs end to end on the CPU (`--smoke`) and writes its Markdown table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_suite_smoke_writes_every_row(tmp_path) -> None:
+    out = tmp_path / "suite.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    labels = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    expected = [
+        "fine-tune full", "fine-tune full + grad. checkpointing", "fine-tune lora",
+        "fine-tune lora + grad. checkpointing", "null_text inversion", "direct inversion",
+        "negative_prompt inversion", "P2P edit", "virtual edit (SPEC §9), 2 steps, SPL",
+        "virtual edit (SPEC §9), 2 steps, no SPL", "3 SPL + CPL iterations at 128²",
+    ]
+    assert len(labels) == len(expected) and all(a.startswith(b) for a, b in zip(labels, expected)), labels
+    for row in rows:  # every measurement is a positive number
+        value = float(re.search(r"\| ([0-9.]+) (s|steps/s)", row).group(1))
+        assert value > 0, row
