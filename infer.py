@@ -174,10 +174,21 @@ def remove_stale(out: Path, previous: set[str], current: set[str], keep: Path) -
     return removed
 
 
-def main(argv: list[str]) -> None:
-    cfg: InferConfig = parse_config(
-        InferConfig, argv, CONFIG_DIR / "infer.yaml", prog="infer.py", description=__doc__.splitlines()[0]
+def load_editor(cfg: InferConfig, inputs: Inputs) -> Any:
+    """The editor of a run: the checkpoint's, or the base model's (its inversion cache in `<out>/cache`)."""
+    from s2edit.editing import Editor
+
+    if cfg.ckpt is not None:
+        return Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision)
+    return Editor.from_model(
+        cfg.model, device=cfg.device, precision=cfg.precision, seed=cfg.seed, cache_dir=inputs.out / "cache"
     )
+
+
+def run(cfg: InferConfig, editor: Any | None = None, command: list[str] | None = None) -> dict[str, Any]:
+    """One edit as infer.py does it: check, load (unless an `editor` of the same model is given, as the
+    web app does), invert (p2p, cached) and edit, write every output and `report.json` into `cfg.out`.
+    Returns the report."""
     start = time.perf_counter()
 
     # 1. Check inputs and plan the edit (no model yet)
@@ -190,20 +201,12 @@ def main(argv: list[str]) -> None:
     import transformers
 
     from editkit.files import atomic_path
-    from s2edit.editing import Editor
     from s2edit.runtime import retain_freed_memory
 
     retain_freed_memory()  # CPU runs: no page faults on every UNet pass's activations (s2edit/runtime.py)
-
     torch.manual_seed(cfg.seed)
     load_start = time.perf_counter()
-    if cfg.ckpt is not None:
-        editor = Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision)
-    else:
-        editor = Editor.from_model(
-            cfg.model, device=cfg.device, precision=cfg.precision, seed=cfg.seed,
-            cache_dir=inputs.out / "cache",
-        )
+    editor = editor if editor is not None else load_editor(cfg, inputs)
     # resolution=None: the checkpoint's training size, else the model's native size (as train.py)
     image = editor.load_image(inputs.image, cfg.resolution)
     load_seconds = time.perf_counter() - load_start
@@ -243,7 +246,7 @@ def main(argv: list[str]) -> None:
         "write": time.perf_counter() - write_start,
     }
     report = {
-        "command": ["infer.py", *argv],
+        "command": command or ["infer.py"],
         "settings": dataclasses.asdict(cfg),
         "seed": cfg.seed,
         "model": {
@@ -272,13 +275,21 @@ def main(argv: list[str]) -> None:
     timings["total"] = time.perf_counter() - start
     with atomic_path(inputs.out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def main(argv: list[str]) -> None:
+    cfg: InferConfig = parse_config(
+        InferConfig, argv, CONFIG_DIR / "infer.yaml", prog="infer.py", description=__doc__.splitlines()[0]
+    )
+    report = run(cfg, command=["infer.py", *argv])
+    out, edits = Path(cfg.out), report["files"]["edits"]
     print(
-        f"wrote {len(files['edits'])} edit(s) ({method}), masks, attention maps and {REPORT} "
-        f"to {inputs.out}/",
+        f"wrote {len(edits)} edit(s) ({report['method']}), masks, attention maps and {REPORT} to {out}/",
         file=sys.stderr,
     )
-    for k, target in enumerate(cfg.target):
-        print(f"  {inputs.out / files['edits'][k]}  ← '{target}'")
+    for name, target in zip(edits, cfg.target):
+        print(f"  {out / name}  ← '{target}'")
 
 
 if __name__ == "__main__":
