@@ -151,7 +151,8 @@ def _check_image_tensor(image: object, multiple: int) -> torch.Tensor:
     if low < -1.001 or high > 1.001:
         raise InputError(f"image tensor values lie in [{low:.3g}, {high:.3g}], not in [-1, 1] "
                          "(a [0, 255] image must be scaled: x / 127.5 − 1)")
-    return image.detach().float().clamp(-1, 1)
+    image = image.detach().float()  # the caller's layout is kept: conv kernels round by memory layout
+    return image.clamp(-1, 1) if low < -1 or high > 1 else image
 
 
 def _check_guidance(name: str, value: object) -> float:
