@@ -162,6 +162,36 @@ def _check_guidance(name: str, value: object) -> float:
     return float(value)
 
 
+def edit_metrics(
+    plan: EditPlan,
+    source_image: torch.Tensor,
+    round_trip: torch.Tensor,
+    reconstruction: torch.Tensor,
+    raw: torch.Tensor,
+    final: torch.Tensor,
+    settings: RefineSettings,
+    loss_masks: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> dict[str, Any]:
+    """PSNR of the source branch and of the VAE round trip against the input, and per target the SPL (and
+    CPL, when optimised) loss against the input before and after post-processing (SPEC §5)."""
+    before = preservation_losses(source_image, raw, settings, *loss_masks)
+    after = preservation_losses(source_image, final, settings, *loss_masks)
+    return {
+        "reconstruction_psnr": psnr(reconstruction, source_image),
+        "vae_round_trip_psnr": psnr(round_trip, source_image),
+        "targets": [
+            {
+                "prompt": target,
+                "spl_loss_before": before["spl"][k],
+                "spl_loss_after": after["spl"][k],
+                "cpl_loss_before": before["cpl"][k],
+                "cpl_loss_after": after["cpl"][k],
+            }
+            for k, target in enumerate(plan.targets)
+        ],
+    }
+
+
 class Editor:
     """A loaded model (base or fine-tuned) that inverts and edits images (see the module docstring).
 
@@ -547,43 +577,28 @@ class Editor:
         with self._lock:
             timings: dict[str, float] = {}
             start = time.perf_counter()
-            spl, mask_settings = plan.spl, plan.masks
 
             # 1. SPL settings and references: the VAE round trip (in the loop), the input (post-processing)
-            refine_settings = RefineSettings(
-                structure_weight=spl.structure_weight if spl.structure else 0.0,
-                color_weight=spl.color_weight if spl.color else 0.0,
-                iterations=spl.iterations, lr=spl.lr, momentum=spl.momentum, radius=spl.radius, eps=spl.eps,
-            )
+            refine_settings = RefineSettings.from_spl(plan.spl)
             round_trip = self._decode(z0)
-            spl_steps = plan.spl_steps()
-            masks: dict[str, torch.Tensor] = {}
             timings["prepare"] = time.perf_counter() - start
 
             # 2. Preservation masks from a loss-free preview edit, when SPL changes the main run's path
-            preview_start = time.perf_counter()
-            if mask_settings.wanted and mask_settings.inputs == "preview" and spl_steps:
-                preview = make_run()
-                state = denoise(self.sd.unet, preview, [ProgressHook(plan.steps, "preview", self.progress)])
-                decoded = self._decode(preview.sampler.result(state.latents, state.x0)[preview.target_rows])
-                masks = self._masks(plan, preview.store, None, source_image, decoded)
-            timings["preview"] = time.perf_counter() - preview_start
+            masks = self._preview_masks(plan, make_run, source_image, timings)
 
             # 3. Denoising loop with hooks: SPL in the loop, progress, the user's callback
             run = make_run()
 
-            def masks_in_loop(state: StepState, decoded: torch.Tensor) -> tuple[Any, Any]:
-                nonlocal masks
-                if mask_settings.wanted and not masks:  # in_loop: maps so far, this step's x̂0 as guide
-                    masks = self._masks(plan, run.store, state.step, source_image, decoded)
+            def loop_masks(state: StepState, decoded: torch.Tensor) -> tuple[Any, Any]:
+                if plan.masks.wanted and not masks:  # in_loop: the maps so far, this step's x̂0 as guide
+                    masks.update(self._masks(plan, run.store, state.step, source_image, decoded))
                 return self._loss_masks(plan, masks)
 
             spl_hook = SPLHook(
-                spl_steps, round_trip, refine_settings, self._decode, self._encode, masks_in_loop
+                plan.spl_steps(), round_trip, refine_settings, self._decode, self._encode, loop_masks
             )
             hooks = [spl_hook, ProgressHook(plan.steps, "editing", self.progress)]
-            if callback is not None:
-                hooks.append(CallbackHook(callback))
+            hooks += [CallbackHook(callback)] if callback is not None else []
             loop_start = time.perf_counter()
             state = denoise(self.sd.unet, run, hooks)
             timings["denoise"] = time.perf_counter() - loop_start - spl_hook.seconds
@@ -591,66 +606,62 @@ class Editor:
 
             # 4. Decode the source branch and the targets
             decode_start = time.perf_counter()
-            rows = [run.source_row, *run.target_rows]
-            latents = run.sampler.result(state.latents, state.x0)[rows]
+            latents = run.sampler.result(state.latents, state.x0)[[run.source_row, *run.target_rows]]
             decoded = self._decode(latents)
             reconstruction, raw = decoded[:1], decoded[1:]
             timings["decode"] = time.perf_counter() - decode_start
 
             # 5. Masks of this run (it is the loss-free preview when SPL never acted in the loop)
             mask_start = time.perf_counter()
-            if mask_settings.wanted and not masks:
-                masks = self._masks(plan, run.store, None, source_image, raw)
-            structure_mask, color_mask = self._loss_masks(plan, masks)
+            if plan.masks.wanted and not masks:
+                masks.update(self._masks(plan, run.store, None, source_image, raw))
+            loss_masks = self._loss_masks(plan, masks)
             timings["masks"] = time.perf_counter() - mask_start
 
             # 6. Post-processing against the input image
             post_start = time.perf_counter()
             final = raw
-            if spl.postprocess and spl.active:
-                final = refine_images(source_image, raw, refine_settings, structure_mask, color_mask)
+            if plan.spl.postprocess and plan.spl.active:
+                final = refine_images(source_image, raw, refine_settings, *loss_masks)
             timings["postprocess"] = time.perf_counter() - post_start
 
             # 7. Metrics and attention maps
-            before = preservation_losses(source_image, raw, refine_settings, structure_mask, color_mask)
-            after = preservation_losses(source_image, final, refine_settings, structure_mask, color_mask)
-            metrics: dict[str, Any] = {
-                "reconstruction_psnr": psnr(reconstruction, source_image),
-                "vae_round_trip_psnr": psnr(round_trip, source_image),
-                "targets": [
-                    {
-                        "prompt": target,
-                        "spl_loss_before": before["spl"][k],
-                        "spl_loss_after": after["spl"][k],
-                        "cpl_loss_before": before["cpl"][k],
-                        "cpl_loss_after": after["cpl"][k],
-                    }
-                    for k, target in enumerate(plan.targets)
-                ],
-                "spl_in_loop": spl_hook.records,
-            }
+            metrics = edit_metrics(
+                plan, source_image, round_trip, reconstruction, raw, final, refine_settings, loss_masks
+            )
+            metrics["spl_in_loop"] = spl_hook.records
             maps = attention_maps(run.store.average()[: len(plan.prompts)], plan.words, plan.word_positions)
             timings["total"] = time.perf_counter() - start
         method_settings = plan.virtual if plan.method == "virtual" else plan.p2p
         return EditResult(
-            method=plan.method,
-            prompts=plan.prompts,
-            images=final.cpu(),
-            raw_images=raw.cpu(),
-            reconstruction=reconstruction.cpu(),
-            source=source_image.cpu(),
-            masks={k: v.cpu() for k, v in masks.items()},
-            attention_maps=maps,
-            metrics=metrics,
-            timings=timings,
-            latents=latents.cpu(),
-            settings={
-                plan.method: dataclasses.asdict(method_settings),
-                "spl": dataclasses.asdict(spl),
-                "mask": dataclasses.asdict(mask_settings),
-            },
+            method=plan.method, prompts=plan.prompts, images=final.cpu(), raw_images=raw.cpu(),
+            reconstruction=reconstruction.cpu(), source=source_image.cpu(),
+            masks={k: v.cpu() for k, v in masks.items()}, attention_maps=maps, metrics=metrics,
+            timings=timings, latents=latents.cpu(),
+            settings={plan.method: dataclasses.asdict(method_settings), "spl": dataclasses.asdict(plan.spl),
+                      "mask": dataclasses.asdict(plan.masks)},
             inversion=inversion_info,
         )
+
+    def _preview_masks(
+        self,
+        plan: EditPlan,
+        make_run: Callable[[], DenoisingRun],
+        source_image: torch.Tensor,
+        timings: dict[str, float],
+    ) -> dict[str, torch.Tensor]:
+        """SPEC §6 masks from a full loss-free preview edit (its maps over all steps, its final images as
+        target guides), when masks are wanted from a preview and SPL would change the main run's path;
+        else {} (the masks then come from the main run itself)."""
+        start = time.perf_counter()
+        masks: dict[str, torch.Tensor] = {}
+        if plan.masks.wanted and plan.masks.inputs == "preview" and plan.spl_steps():
+            preview = make_run()
+            state = denoise(self.sd.unet, preview, [ProgressHook(plan.steps, "preview", self.progress)])
+            decoded = self._decode(preview.sampler.result(state.latents, state.x0)[preview.target_rows])
+            masks = self._masks(plan, preview.store, None, source_image, decoded)
+        timings["preview"] = time.perf_counter() - start
+        return masks
 
     def _masks(
         self,

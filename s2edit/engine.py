@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from s2edit.attention import AttentionController, AttentionStore, controlled_attention
 from s2edit.diffusion import Sampler, guided_noise, predict_noise
 from s2edit.p2p import LocalBlend
+from s2edit.settings import SPLSettings
 from s2edit.virtual import VirtualLocalBlend
 from spl.losses import SPLReference, cpl_loss, spl_loss
 from spl.refine import refine
@@ -179,6 +180,14 @@ class RefineSettings:
     momentum: float
     radius: int
     eps: float
+
+    @classmethod
+    def from_spl(cls, spl: SPLSettings) -> RefineSettings:
+        return cls(
+            structure_weight=spl.structure_weight if spl.structure else 0.0,
+            color_weight=spl.color_weight if spl.color else 0.0,
+            iterations=spl.iterations, lr=spl.lr, momentum=spl.momentum, radius=spl.radius, eps=spl.eps,
+        )
 
 
 def refine_images(
