@@ -81,7 +81,7 @@ class TrainConfig:
                                   ge=64, le=MAX_RESOLUTION)
     out: str = _opt("outputs/train", "output folder: logs, checkpoints and export/")
     max_steps: int = _opt(200, "optimisation steps (S2Edit §4.1)", ge=1, le=10**7)
-    seed: int = _opt(0, "random seed", ge=0, le=2**63 - 1)
+    seed: int = _opt(0, "random seed", ge=0, le=2**32 - 1)
     resume: bool = _opt(False, "continue from <out>/checkpoints/last.ckpt")
     precision: str = _opt("auto", "Lightning precision: auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed",
                           choices=("auto", "32", "bf16-mixed"))
@@ -119,7 +119,7 @@ class InferConfig:
         "resolution, else the model's native size (SD v1: 512, tiny: 256)",
         ge=64, le=MAX_RESOLUTION,
     )
-    seed: int = _opt(0, "random seed (virtual: the noise of every step)", ge=0, le=2**63 - 1)
+    seed: int = _opt(0, "random seed (virtual: the noise of every step)", ge=0, le=2**32 - 1)
     method: str = _opt(
         "auto", "editing method: p2p (inversion + Prompt-to-Prompt), virtual (training-free virtual "
                 "inversion, SPEC §9), auto (virtual without ckpt, p2p with ckpt)", choices=METHODS)
