@@ -12,8 +12,11 @@ with inversion + Prompt-to-Prompt (the paper's editor). Writes into `out=` (defa
 `edit_<k>.png` per target, `source.png` (the preprocessed input), `reconstruction.png` (the source
 branch), `masks/` and `attention/` PNGs and `report.json` (images an earlier run into the same `out` wrote
 and this one does not are removed). Inversions are cached in `<ckpt>/cache/` (training-free:
-`<out>/cache/`) and reused by later edits of the same image and prompt. `python infer.py --help` lists
-every key.
+`<out>/cache/`) and reused by later edits of the same image and prompt. `out` never holds the input
+image (nor a symlink or hard link to it) where a run writes, and never lies in the checkpoint folder; one
+run at a time writes it (`<out>/.output.lock` names the run, a second one is refused). A full disk or a
+read-only folder stops the run with one line naming the file, and no file is left half-written.
+`python infer.py --help` lists every key.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ from typing import Any
 
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
-from editkit.files import PICKLE_SUFFIXES, file_sha256, slug
+from editkit.files import (
+    PICKLE_SUFFIXES,
+    OutputLock,
+    file_sha256,
+    io_errors,
+    refuse_overwriting_inputs,
+    remove_temporaries,
+    slug,
+)
 from editkit.images import read_image
 from s2edit.config import CONFIG_DIR, InferConfig
 
@@ -75,18 +86,24 @@ def check_inputs(cfg: InferConfig) -> Inputs:
     if source is None:
         raise InputError('no source prompt: pass source="a photo of a cat" describing the image')
     read_image(image)  # exists, decodes, is large enough
+    out = check_output(cfg, image)
+    return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest))
+
+
+def check_output(cfg: InferConfig, image: str | Path) -> Path:
+    """`out` is a folder (made if missing) that holds no input: the run never writes over the image (also
+    through a symlink or a hard link), nor into the checkpoint folder, which a re-export replaces."""
     out = Path(cfg.out)
+    refuse_overwriting_inputs("out", out, {"image": image}, files=[out])
     if out.exists() and not out.is_dir():
         raise InputError(f"out='{out}' is a file: pass a folder")
-    image_path = Path(image).resolve()
-    for name in output_names(len(cfg.target)):
-        if (out / name).resolve() == image_path:
-            raise InputError(f"out='{out}' would overwrite the input image '{image}': choose another out=")
-    if image_path.is_relative_to(out.resolve() / "masks") or image_path.is_relative_to(
-        out.resolve() / "attention"
-    ):
-        raise InputError(f"the input image '{image}' lies in an output folder of out='{out}': move it")
-    return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest))
+    files = [out / name for name in output_names(len(cfg.target))]
+    refuse_overwriting_inputs("out", out, {"image": image}, files=files,
+                              folders=[out / "masks", out / "attention"])
+    if cfg.ckpt is not None and out.resolve().is_relative_to(Path(cfg.ckpt).resolve()):
+        raise InputError(f"out='{out}' lies in the checkpoint folder ckpt='{cfg.ckpt}', which train.py "
+                         "replaces as a whole: choose another out=")
+    return out
 
 
 def edit_plan(cfg: InferConfig, source: str, manifest: Any | None) -> Any:
@@ -188,11 +205,24 @@ def load_editor(cfg: InferConfig, inputs: Inputs) -> Any:
 def run(cfg: InferConfig, editor: Any | None = None, command: list[str] | None = None) -> dict[str, Any]:
     """One edit as infer.py does it: check, load (unless an `editor` of the same model is given, as the
     web app does), invert (p2p, cached) and edit, write every output and `report.json` into `cfg.out`.
-    Returns the report."""
+    Returns the report. One run at a time per `out` (a second one is refused, naming the first); a full
+    disk or a read-only `out` is one ReportedError line naming the file, with no partial file left."""
     start = time.perf_counter()
 
     # 1. Check inputs and plan the edit (no model yet)
     inputs = check_inputs(cfg)
+
+    # 2.–4. under the lock of `out`, with what a killed run left there removed
+    with OutputLock(inputs.out, " ".join(command or ["infer.py"])), io_errors(inputs.out):
+        attention = inputs.out / "attention"  # not the inversion cache: it cleans up itself
+        remove_temporaries(inputs.out, inputs.out / "masks", attention, *sorted(attention.glob("*/")))
+        return edit_and_write(cfg, inputs, editor, command, start)
+
+
+def edit_and_write(
+    cfg: InferConfig, inputs: Inputs, editor: Any | None, command: list[str] | None, start: float
+) -> dict[str, Any]:
+    """The body of :func:`run` once the inputs are checked and `out` is locked."""
     method = inputs.plan.method
 
     # 2. Model (heavy imports here, so that refused inputs fail fast)

@@ -7,7 +7,9 @@
     python train.py ... resume=true                                   # continue <out>/checkpoints/last.ckpt
 
 Writes `<out>/export/` (what infer.py loads), `<out>/checkpoints/last.ckpt` (for resuming only) and
-TensorBoard logs in `<out>/tb/`. `python train.py --help` lists every key.
+TensorBoard logs in `<out>/tb/`. `out` is a folder (made if missing) that no input lies in; one run at a
+time writes it (`<out>/.output.lock` names the run), and that run first removes what a killed run left
+there. `python train.py --help` lists every key.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from pathlib import Path
 
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
+from editkit.files import OutputLock, io_errors, refuse_overwriting_inputs
 from s2edit.config import CONFIG_DIR, TrainConfig
 from s2edit.pairs import TrainingPair, check_pair
 from s2edit.tokenizer import clip_tokenizer
 
+EXPORT_DIR = "export"  # s2edit.export.write_export's folder
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 TENSORBOARD_NAME = "tb"
@@ -44,13 +48,15 @@ def training_pairs(config: TrainConfig) -> list[TrainingPair]:
 
 
 def check_inputs(config: TrainConfig) -> list[TrainingPair]:
-    """Refuse bad inputs in one line before any model is loaded (STYLE habit 5)."""
-    limits = [("max_steps", config.max_steps, 1), ("resolution", config.resolution, 64),
-              ("image_log_every", config.image_log_every, 0),
-              ("checkpoint_every", config.checkpoint_every, 0)]
-    for key, value, minimum in limits:
-        if value is not None and value < minimum:
-            raise InputError(f"{key}={value} must be at least {minimum}")
+    """Refuse bad inputs in one line before any model is loaded (STYLE habit 5); the ranges of the
+    numbers are checked by `parse_config` from the schema."""
+    if config.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"accelerator={config.accelerator} needs a CUDA GPU, and none is available: "
+                             "use accelerator=auto or accelerator=cpu")
+    check_output(config)
     pairs = training_pairs(config)
     tokenizer = clip_tokenizer()  # the checks add the placeholders to this fresh copy
     for pair, role in zip(pairs, ("prompt", "reference_prompt")):
@@ -60,6 +66,19 @@ def check_inputs(config: TrainConfig) -> list[TrainingPair]:
         if not checkpoint.is_file():
             raise InputError(f"resume=true but there is no checkpoint '{checkpoint}': drop resume=true")
     return pairs
+
+
+def check_output(config: TrainConfig) -> None:
+    """`out` is a folder (made if missing) and the run never writes over or replaces an input file."""
+    out = Path(config.out)
+    inputs = {"image": config.image, "mask": config.mask, "reference": config.reference,
+              "reference_mask": config.reference_mask}
+    refuse_overwriting_inputs("out", out, inputs, files=[out])
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out='{out}' is a file: pass a folder (it receives export/, checkpoints/ and tb/)")
+    # the export is replaced as a whole folder, checkpoints and logs are rewritten
+    written = [out / name for name in (EXPORT_DIR, CHECKPOINT_DIR, TENSORBOARD_NAME)]
+    refuse_overwriting_inputs("out", out, inputs, folders=written)
 
 
 def check_resumable(checkpoint: Path, config: TrainConfig) -> None:
@@ -99,6 +118,7 @@ def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from s2edit.data import S2EditDataModule
+    from s2edit.export import recover_export
     from s2edit.module import ResumeCheckpoint, S2EditModule
     from s2edit.runtime import retain_freed_memory
 
@@ -108,6 +128,7 @@ def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen VAE, on purpose
     warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")  # cached pairs: nothing to resume
     out = Path(config.out)
+    recover_export(out / EXPORT_DIR)  # what a killed run left: its temporary folders, a half-done swap
     checkpoint = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if config.resume:
         check_resumable(checkpoint, config)
@@ -155,7 +176,9 @@ def main(argv: list[str]) -> Path:
     config = parse_config(TrainConfig, argv, CONFIG_DIR / "train.yaml", prog="train.py",
                           description=__doc__.splitlines()[0])
     pairs = check_inputs(config)
-    export = fit(config, pairs)
+    # One run per out folder; a full disk or a read-only folder is one line naming the file
+    with OutputLock(config.out, " ".join(["train.py", *argv])), io_errors(config.out):
+        export = fit(config, pairs)
     print(f"export written to {export}")
     return export
 

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from editkit.errors import InputError, ReportedError
+from editkit.files import MACHINE_ERRNOS, describe_io_error
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -72,7 +73,10 @@ def setting(
 
 def range_text(metadata: Any) -> str:
     """The valid range of a field as text, e.g. ">= 0, < 1"; "" when unbounded."""
-    return ", ".join(f"{symbol} {metadata[name]:g}" for name, symbol, _ in _BOUNDS if name in metadata)
+    def text(bound: float) -> str:  # integers exactly (seed <= 9223372036854775807), floats short
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+    return ", ".join(f"{symbol} {text(metadata[name])}" for name, symbol, _ in _BOUNDS if name in metadata)
 
 
 def _numbers(value: Any) -> list[Any]:
@@ -98,6 +102,8 @@ def check_value(name: str, value: Any, metadata: Any) -> None:
 
 def _type_matches(value: Any, tp: Any) -> bool:
     inner, optional = _unwrap_optional(tp)
+    if inner is Any:
+        return True
     if value is None:
         return optional
     origin = typing.get_origin(inner)
@@ -368,7 +374,12 @@ def to_yaml(config: Any) -> str:
 
 
 def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Run `main(argv)`; a ReportedError becomes one line on stderr and exit code 2, Ctrl-C exit 130."""
+    """Run `main(argv)`; a ReportedError becomes one line on stderr and exit code 2, Ctrl-C exit 130.
+
+    An OSError that the machine caused (full disk, read-only file system, no permission) and that the
+    script did not report itself also becomes one line naming the file; any other exception keeps its
+    traceback (a bug must stay visible).
+    """
     try:
         main(sys.argv[1:] if argv is None else argv)
     except ReportedError as err:
@@ -377,3 +388,9 @@ def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) ->
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as err:
+        message = describe_io_error(err) if err.errno in MACHINE_ERRNOS else None
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

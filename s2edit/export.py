@@ -11,8 +11,13 @@ Layout (every weight file is safetensors; nothing is ever unpickled):
     mask_<n>_<slug>.png         the object mask of each token, at the working image size
     tokenizer/                  the tokenizer with the added tokens (for other tools; the loader re-adds)
 
-The folder is written to `<out>/.export.tmp-XXXX` and renamed into place, so a crash never leaves a
-half-written export. :func:`load_export` validates everything and reports problems as one-line InputErrors.
+The folder is written to `<out>/.export.tmp-<pid>-XXXX` and renamed into place (an existing export is
+first moved to `<out>/.export.old-<pid>-XXXX`), so a crash never leaves a half-written export. A run
+killed between those two renames leaves both folders complete: the next read of `<out>/export` puts
+the new one in place (:func:`recover_export`), and the next run that writes `<out>` also removes the
+temporary folders of dead runs. :func:`read_manifest` checks every manifest field's type and range and
+that every mask decodes; :func:`load_export` also checks the weights; every problem is a one-line
+InputError.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +37,15 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from editkit.config import check_fields
 from editkit.errors import InputError
-from editkit.files import PICKLE_SUFFIXES, file_sha256, slug
-from editkit.images import save_mask
+from editkit.files import PICKLE_SUFFIXES, file_sha256, pid_alive, slug
+from editkit.images import load_mask, save_mask
+from s2edit.config import MAX_RESOLUTION
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.tokenizer import add_placeholder_token
 
@@ -52,6 +62,9 @@ TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_MARKER = "lora_"
 PROBE_VALUES = 16  # first values of a few base tensors, to detect a different base model
 PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-3  # loose enough for a base loaded in bf16 / fp16
+EXPORT_DIR = "export"
+TMP_PREFIX = ".export.tmp-"  # + "<pid>-<random>": the export being written
+OLD_PREFIX = ".export.old-"  # + "<pid>-<random>": the export being replaced, during the swap
 
 
 @dataclass
@@ -59,7 +72,7 @@ class ExportToken:
     """One learned token and the pair it was learned from."""
 
     placeholder: str
-    token_id: int
+    token_id: int = field(metadata={"ge": 0})
     prompt: str  # P̃
     source_prompt: str  # P
     object: str
@@ -71,11 +84,11 @@ class ExportToken:
 @dataclass
 class ExportManifest:
     base_model: str
-    method: str  # "full" | "lora"
-    resolution: int
+    method: str = field(metadata={"choices": tuple(WEIGHT_FILES)})
+    resolution: int = field(metadata={"ge": 64, "le": MAX_RESOLUTION})
     tokens: list[ExportToken]
     config: dict[str, Any]
-    lora_rank: int | None = None
+    lora_rank: int | None = field(default=None, metadata={"ge": 1})
     base_probe: dict[str, list[float]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # weight file → sha256
     weights_sha256: str = ""  # one fingerprint over every weight file (the inversion cache keys on it)
@@ -124,7 +137,13 @@ def mask_file_name(index: int, placeholder: str) -> str:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as err:  # safetensors reports a full disk as "… (os error 28)": an OSError
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -146,12 +165,14 @@ def write_export(
     """Write `<out>/export/` atomically and return its path.
 
     `manifest.tokens[i].mask` is set here; `masks[i]` is token i's (H, W) mask at the working image size.
-    `manifest.files` and `manifest.weights_sha256` are filled in from the written files.
+    `manifest.files` and `manifest.weights_sha256` are filled in from the written files. A file-system
+    error (full disk, read-only folder) is an OSError naming `<out>/export`, which is then unchanged.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    final = out / "export"
-    tmp = Path(tempfile.mkdtemp(prefix=".export.tmp-", dir=out))
+    final = out / EXPORT_DIR
+    recover_export(final)
+    tmp = _temporary_folder(out, TMP_PREFIX)
     try:
         # 1. Weights
         names = WEIGHT_FILES[manifest.method]
@@ -170,29 +191,92 @@ def write_export(
             save_mask(mask, tmp / token.mask)
         sd.tokenizer.save_pretrained(tmp / "tokenizer")
 
-        # 3. Manifest with file hashes, then the rename into place
+        # 3. Manifest with file hashes (last: a folder with a manifest is complete), then the swap
         manifest.files = {name: file_sha256(tmp / name) for name in [*names.values(), EMBEDDINGS]}
         manifest.weights_sha256 = _fingerprint(manifest.files)
         (tmp / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
         _apply_umask(tmp)  # temporary files and folders are private (0600 / 0700); the export is not
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=".export.old-", dir=out))
-            os.replace(final, old / "export")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _swap_into_place(tmp, final)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(final)) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _temporary_folder(out: Path, prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out))
+
+
+def _swap_into_place(new: Path, final: Path) -> None:
+    """Rename the complete folder `new` onto `final`. An existing `final` is moved aside first (a folder
+    cannot replace a non-empty one in one rename) and put back if the second rename fails; a kill
+    between the two renames is repaired by :func:`recover_export`."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = _temporary_folder(final.parent, OLD_PREFIX)
+    try:
+        os.replace(final, old / final.name)
+        try:
+            os.replace(new, final)
+        except BaseException:
+            os.replace(old / final.name, final)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _writer_gone(folder: Path) -> bool:
+    """Whether the process that made a temporary folder (`.export.tmp-<pid>-…`) no longer runs here."""
+    try:
+        pid = int(folder.name.split("-")[1])
+    except (IndexError, ValueError):
+        return True
+    return pid != os.getpid() and not pid_alive(pid)
+
+
+def recover_export(final: str | Path, clean: bool = True) -> Path | None:
+    """Repair what a killed writer of `final` (`<out>/export`) left: if it died between the two renames of
+    its swap (`final` missing), rename the new export into place (complete: its manifest is written last),
+    else the old one; with `clean`, remove the temporary folders of dead writers (for the run that owns
+    `<out>`). Returns the folder that was put in place, if any; never touches a live writer's folders."""
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return None
+    restored = None
+    if not final.exists():
+        for old in sorted(parent.glob(f"{OLD_PREFIX}*"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if not _writer_gone(old) or not (old / final.name / MANIFEST).is_file():
+                continue
+            pid = old.name.split("-")[1]
+            complete = [t for t in parent.glob(f"{TMP_PREFIX}{pid}-*") if (t / MANIFEST).is_file()]
+            source = complete[0] if complete else old / final.name
+            os.rename(source, final)
+            restored = source
+            which = "new export" if complete else "previous export"
+            warnings.warn(f"'{final}' was missing (a run was killed while replacing it): "
+                          f"put the {which} back from '{source}'", stacklevel=2)
+            break
+    if clean:
+        for folder in [*parent.glob(f"{TMP_PREFIX}*"), *parent.glob(f"{OLD_PREFIX}*")]:
+            if folder.is_dir() and _writer_gone(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+    return restored
 
 
 # ----------------------------------------------------------------------------------------- reading
 
 
 def read_manifest(path: str | Path) -> ExportManifest:
-    """Parse and check `<path>/manifest.json` (InputError for every problem a user can cause)."""
+    """Parse and check `<path>/manifest.json`: every field's type and range, and that every token's mask
+    is a readable, non-empty image in the folder (InputError for every problem a user can cause)."""
     path = Path(path)
+    if not path.exists():
+        _restore_or_refuse(path)
     if not path.exists():
         raise InputError(f"checkpoint folder '{path}' does not exist (train.py writes <out>/export)")
     if not path.is_dir():
@@ -214,9 +298,44 @@ def read_manifest(path: str | Path) -> ExportManifest:
         manifest = ExportManifest(tokens=tokens, **data)
     except (KeyError, TypeError) as err:
         raise InputError(f"'{manifest_path}' is incomplete or has unknown fields ({err})") from None
-    if manifest.method not in WEIGHT_FILES:
-        raise InputError(f"'{manifest_path}' has unknown method '{manifest.method}' (full or lora)")
+    try:
+        check_fields(manifest)
+        for token in manifest.tokens:
+            check_fields(token)
+    except InputError as err:
+        raise InputError(f"'{manifest_path}' is invalid: {err}; re-export it with train.py") from None
+    _check_masks(path, manifest)
     return manifest
+
+
+def _restore_or_refuse(path: Path) -> None:
+    """A missing export whose writer was killed mid-swap: put the complete one back, or say where it is."""
+    try:
+        recover_export(path, clean=False)
+    except OSError as err:
+        found = sorted(path.parent.glob(f"{OLD_PREFIX}*/{path.name}")) + sorted(
+            t for t in path.parent.glob(f"{TMP_PREFIX}*") if (t / MANIFEST).is_file())
+        where = f"'{found[0]}'" if found else "a temporary folder beside it"
+        raise InputError(f"checkpoint folder '{path}' is missing (a run was killed while replacing it) and "
+                         f"could not be restored ({err.strerror}): move {where} to '{path}'") from None
+
+
+def _check_masks(path: Path, manifest: ExportManifest) -> None:
+    for token in manifest.tokens:
+        file = path / token.mask
+        if Path(token.mask).name != token.mask:
+            raise InputError(f"export '{path}' names the mask '{token.mask}' for {token.placeholder}: a mask "
+                             "must be a file name inside the export folder; re-export with train.py")
+        if not file.is_file():
+            raise InputError(f"export '{path}' is missing the mask file '{token.mask}' ({token.placeholder})")
+        try:
+            with Image.open(file) as image:
+                image.load()
+                size = (image.height, image.width)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise InputError(f"mask '{file}' of token {token.placeholder} is not a readable image ({err}): "
+                             "re-export with train.py") from None
+        load_mask(file, size)  # refuses an empty (all-black) mask
 
 
 def _check_files(path: Path, manifest: ExportManifest, verify: bool) -> None:
@@ -234,9 +353,6 @@ def _check_files(path: Path, manifest: ExportManifest, verify: bool) -> None:
             raise InputError(f"'{file}' does not match its sha256 in the manifest: corrupt or replaced")
     if _fingerprint(manifest.files) != manifest.weights_sha256:
         raise InputError(f"manifest of '{path}' has an inconsistent weights_sha256: it was edited by hand")
-    for token in manifest.tokens:
-        if Path(token.mask).name != token.mask or not (path / token.mask).is_file():
-            raise InputError(f"export '{path}' is missing the mask file '{token.mask}' ({token.placeholder})")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

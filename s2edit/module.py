@@ -367,20 +367,32 @@ def to_unit(image: torch.Tensor) -> torch.Tensor:
 
 class ResumeCheckpoint(L.Callback):
     """Keeps `<dir>/last.ckpt` resumable: every N steps, at the end, and when training stops on an error
-    or Ctrl-C. Written to a temporary file then renamed, so a crash mid-write keeps the previous one."""
+    or Ctrl-C. Written to `.last.ckpt.tmp` then renamed, so a crash or a full disk mid-write keeps the
+    previous one; a temporary file a killed run left is removed when the next run starts, never read."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 0) -> None:
         self.path = Path(dirpath) / "last.ckpt"
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.every_n_steps = every_n_steps
         self._saved_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.tmp.unlink(missing_ok=True)  # the run owns <out> (train.py holds its lock)
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._saved_step:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # optimizer and loop state too: resumable
-        os.replace(tmp, self.path)
+        try:
+            trainer.save_checkpoint(self.tmp, weights_only=False)  # optimizer and loop state too: resumable
+            os.replace(self.tmp, self.path)
+        except OSError as err:
+            if err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err  # the checkpoint, not the temp
+        finally:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink(missing_ok=True)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -392,4 +404,6 @@ class ResumeCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException) -> None:
         if trainer.lightning_module is not None and trainer.optimizers:
-            self._save(trainer)
+            # best effort: when the disk is full this fails too, and the error to report is the first one
+            with contextlib.suppress(OSError):
+                self._save(trainer)

@@ -3,73 +3,77 @@
     python -m spl source=photo.png edited=edit.png out=refined.png [color=true] [mask=area.png] ...
 
 The edited image is resized to the source's working size, refined with SPL (+ CPL when `color=true`),
-and saved atomically; one `report:` line gives the losses before and after.
+and saved atomically; one `report:` line gives the losses before and after. `out` must lie in an existing,
+writable folder and never be one of the inputs (also through a symlink, a relative path or a hard link).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from editkit.config import parse_config
+from editkit.config import parse_config, setting
 from editkit.errors import InputError
+from editkit.files import io_errors, refuse_overwriting_inputs
 from editkit.images import load_image, load_mask, resize_to, save_image
 from spl.losses import color_preservation_loss, structure_preservation_loss
 from spl.refine import refine
 
 PROG = "python -m spl"
 REQUIRED = ("source", "edited", "out")
+MAX_RESOLUTION = 2048  # as s2edit.config.MAX_RESOLUTION (spl/ never imports s2edit/; a test keeps them equal)
 
 
 @dataclass
 class SPLToolConfig:
     """Settings of the standalone SPL post-processing tool (defaults: SPEC §5, §7)."""
 
-    source: str | None = field(
-        default=None, metadata={"help": "reference image whose structure to keep (required)"})
-    edited: str | None = field(default=None, metadata={"help": "edited image to refine (required)"})
-    out: str | None = field(default=None, metadata={"help": "output image path, .png/.jpg/.webp (required)"})
-    resolution: int | None = field(
-        default=512, metadata={"help": "working size: area ≈ resolution², sides multiples of 64; null = "
-                                       "the source's own size"})
-    structure_weight: float = field(default=1e4, metadata={"help": "λ_s, weight of the structure loss SPL"})
-    color: bool = field(default=False, metadata={"help": "also apply the color preservation loss CPL"})
-    color_weight: float = field(default=1e3, metadata={"help": "λ_c, weight of CPL when color=true"})
-    iterations: int = field(default=100, metadata={"help": "SGD iterations on the pixels"})
-    lr: float = field(default=1.0, metadata={"help": "SGD learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    radius: int = field(default=5, metadata={"help": "SPL window radius r (windows of (2r+1)²)"})
-    eps: float = field(default=1e-4, metadata={"help": "SPL ridge ε of the local linear models"})
-    mask: str | None = field(
-        default=None, metadata={"help": "optional mask image: the losses apply where it is white"})
-    mask_invert: bool = field(default=False, metadata={"help": "apply the losses where the mask is black"})
-    device: str = field(
-        default="auto", metadata={"help": "where to compute", "choices": ["auto", "cpu", "cuda"]})
+    source: str | None = setting(None, "reference image whose structure to keep (required)")
+    edited: str | None = setting(None, "edited image to refine (required)")
+    out: str | None = setting(None, "output image path, .png/.jpg/.webp, in an existing folder (required); "
+                                    "never one of the inputs")
+    resolution: int | None = setting(512, "working size: area ≈ resolution², sides multiples of 64; null = "
+                                          "the source's own size", ge=64, le=MAX_RESOLUTION)
+    structure_weight: float = setting(1e4, "λ_s, weight of the structure loss SPL", ge=0)
+    color: bool = setting(False, "also apply the color preservation loss CPL")
+    color_weight: float = setting(1e3, "λ_c, weight of CPL when color=true", ge=0)
+    iterations: int = setting(100, "SGD iterations on the pixels", ge=0, le=100000)
+    lr: float = setting(1.0, "SGD learning rate", gt=0)
+    momentum: float = setting(0.9, "SGD momentum", ge=0, lt=1)
+    radius: int = setting(5, "SPL window radius r (windows of (2r+1)²)", ge=0, le=1000)
+    eps: float = setting(1e-4, "SPL ridge ε of the local linear models", gt=0)
+    mask: str | None = setting(None, "optional mask image: the losses apply where it is white")
+    mask_invert: bool = setting(False, "apply the losses where the mask is black")
+    device: str = setting("auto", "where to compute", choices=("auto", "cpu", "cuda"))
 
 
 def check_config(cfg: SPLToolConfig) -> None:
-    """Refuse missing or impossible values before loading anything, naming the key."""
+    """Refuse missing keys and outputs that cannot or must not be written, before loading anything
+    (the ranges of the numbers are checked by `parse_config`, from the fields above)."""
     for key in REQUIRED:
         if not getattr(cfg, key):
             raise InputError(f"missing required key '{key}' "
                              f"(usage: {PROG} source=a.png edited=b.png out=c.png)")
-    if Path(cfg.out).suffix.lower() not in Image.registered_extensions():
+    out = Path(cfg.out)
+    if out.suffix.lower() not in Image.registered_extensions():
         raise InputError(f"out '{cfg.out}' has no image extension (use .png, .jpg or .webp)")
-    if Path(cfg.out).is_dir():
+    if out.is_dir():
         raise InputError(f"out '{cfg.out}' is a directory; give a file name such as refined.png")
-    checks = {
-        "iterations": cfg.iterations >= 0, "radius": cfg.radius >= 0, "eps": cfg.eps > 0,
-        "structure_weight": cfg.structure_weight >= 0, "color_weight": cfg.color_weight >= 0,
-        "lr": cfg.lr > 0, "momentum": 0 <= cfg.momentum < 1,
-        "resolution": cfg.resolution is None or cfg.resolution >= 64,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise InputError(f"config key '{key}' has an impossible value {getattr(cfg, key)!r}")
+    refuse_overwriting_inputs("out", cfg.out, {"source": cfg.source, "edited": cfg.edited, "mask": cfg.mask},
+                              files=[out])
+    folder = out.parent
+    if not folder.is_dir():
+        cause = "is a file" if folder.exists() else "does not exist"
+        raise InputError(f"out='{cfg.out}': its folder '{folder}' {cause}; create the folder or choose "
+                         "another out=")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"out='{cfg.out}': its folder '{folder}' is not writable (read-only or no "
+                         "permission); choose another out=")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise InputError("device=cuda was asked for but no CUDA device is available (use device=cpu)")
 
@@ -110,7 +114,8 @@ def main(argv: list[str]) -> None:
         cpl_after = color_preservation_loss(source, refined, mask).item()
         cpl = f" cpl {cpl_before:.4g} -> {cpl_after:.4g}"
 
-    # 4. Save atomically and report.
-    out = save_image(refined.cpu(), cfg.out)
+    # 4. Save atomically (a full disk leaves no partial file: one line naming it) and report.
+    with io_errors(cfg.out):
+        out = save_image(refined.cpu(), cfg.out)
     print(f"report: spl {spl_before:.4g} -> {spl_after:.4g}{cpl} | {size[1]}x{size[0]}, {cfg.iterations} "
           f"iterations on {device.type}, {seconds:.1f} s | saved {out}")

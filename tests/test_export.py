@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,18 +15,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from skimage import data as skdata
 
+import s2edit.export
 from editkit.config import parse_config
 from editkit.errors import InputError
+from editkit.files import describe_io_error, file_sha256
 from editkit.images import load_mask
 from s2edit.config import CONFIG_DIR, TrainConfig
 from s2edit.data import S2EditDataModule
-from s2edit.export import EMBEDDINGS, MANIFEST, load_export, read_manifest, write_export
+from s2edit.export import EMBEDDINGS, MANIFEST, load_export, read_manifest, recover_export, write_export
 from s2edit.models import random_stable_diffusion
 from s2edit.module import S2EditModule
 from s2edit.pairs import TrainingPair
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128
 
 
@@ -215,3 +223,148 @@ def test_mask_png_is_the_latent_mask_at_image_size(full: tuple[S2EditModule, Pat
     expected = prepared.mask.repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
     assert saved.shape == tuple(prepared.pixels.shape[-2:])
     np.testing.assert_array_equal(saved, expected)
+
+
+# ----------------------------------------------------------------------------------------- interrupted writes
+
+KILL_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+from s2edit.export import load_export, write_export
+
+out = Path(sys.argv[1])
+sd, manifest = load_export(out / "export")
+manifest.config = {"marker": "new"}
+masks = [__import__("torch").ones(128, 128)]
+real_replace, moved = os.replace, []
+
+def replace(src, dst, **kwargs):
+    if moved:  # the old export was moved aside: die before the new one is renamed into place
+        os._exit(17)
+    if Path(src) == out / "export":
+        moved.append(src)
+    return real_replace(src, dst, **kwargs)
+
+os.replace = replace
+write_export(out, sd, manifest, masks)
+"""
+
+
+def _marker(export: Path) -> object:
+    return json.loads((export / MANIFEST).read_text())["config"].get("marker")
+
+
+def _set_marker(export: Path, marker: str) -> None:
+    manifest = json.loads((export / MANIFEST).read_text())
+    manifest["config"]["marker"] = marker
+    (export / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_kill_between_the_two_renames_leaves_a_complete_loadable_export(
+    full: tuple[S2EditModule, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(full[1], out / "export")
+    _set_marker(out / "export", "old")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(out)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 17, killed.stderr
+    assert not (out / "export").exists()  # the kill landed between the renames
+    olds, news = list(out.glob(".export.old-*")), list(out.glob(".export.tmp-*"))
+    assert len(olds) == 1 and len(news) == 1 and (news[0] / MANIFEST).is_file()
+    shutil.copytree(out, tmp_path / "copy", symlinks=True)
+
+    # the next read puts the new export (complete: its manifest was written last) in place and loads it
+    with pytest.warns(UserWarning, match="put the new export back"):
+        assert read_manifest(out / "export").config == {"marker": "new"}
+    _, manifest = load_export(out / "export")
+    assert manifest.config == {"marker": "new"} and not news[0].exists()
+    # the next run that writes the folder removes what is left of the dead run
+    recover_export(out / "export")
+    assert [p.name for p in out.iterdir()] == ["export"]
+
+    # had the new export been incomplete, the old one would have come back
+    copy = tmp_path / "copy"
+    (copy / news[0].name / MANIFEST).unlink()
+    with pytest.warns(UserWarning, match="put the previous export back"):
+        _, manifest = load_export(copy / "export")
+    assert manifest.config["marker"] == "old"
+
+
+def test_a_failed_second_rename_puts_the_old_export_back(
+    full: tuple[S2EditModule, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, export = full
+    out = tmp_path / "run"
+    shutil.copytree(export, out / "export")
+    before = {p.relative_to(out): file_sha256(p) for p in out.rglob("*") if p.is_file()}
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if Path(str(src)).name.startswith(".export.tmp-"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError) as caught:
+        module.export(out, module.trainer.datamodule.prepared)
+    assert caught.value.filename == str(out / "export")
+    assert {p.relative_to(out): file_sha256(p) for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in out.iterdir()] == ["export"]
+
+
+def test_a_full_disk_while_exporting_keeps_the_old_export(
+    full: tuple[S2EditModule, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, export = full
+    out = tmp_path / "run"
+    shutil.copytree(export, out / "export")
+    before = {p.relative_to(out): file_sha256(p) for p in out.rglob("*") if p.is_file()}
+    real_save = s2edit.export.save_file
+
+    def save_file(tensors: dict, path: str) -> None:
+        if Path(path).name == "text_encoder.safetensors":  # the second weight file: the disk is full
+            Path(path).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(s2edit.export, "save_file", save_file)
+    with pytest.raises(OSError) as caught:
+        module.export(out, module.trainer.datamodule.prepared)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out / "export")
+    message = describe_io_error(caught.value, out)
+    assert message == f"could not write '{out / 'export'}': No space left on device"
+    assert {p.relative_to(out): file_sha256(p) for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in out.iterdir()] == ["export"]  # no temporary folder left
+
+
+def test_temporary_folders_of_dead_writers_are_removed_by_the_next_export(
+    full: tuple[S2EditModule, Path], tmp_path: Path
+) -> None:
+    module, export = full
+    out = tmp_path / "run"
+    shutil.copytree(export, out / "export")
+    dead = _dead_pid()
+    for name in (f".export.tmp-{dead}-a1", f".export.old-{dead}-b2/export", ".export.tmp-1-c3"):
+        (out / name).mkdir(parents=True)
+        (out / name / "unet.safetensors").write_bytes(b"half a file")
+    module.export(out, module.trainer.datamodule.prepared)
+    # pid 1 is alive: its folder may belong to a write in progress and stays
+    assert sorted(p.name for p in out.iterdir()) == [".export.tmp-1-c3", "export"]
+    load_export(out / "export")
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_corrupt_mask_is_refused_when_the_editor_loads_the_export(copy: Path) -> None:
+    from s2edit.editing import Editor
+
+    mask = next(copy.glob("mask_*.png"))
+    mask.write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match=rf"mask '{mask}' of token \[I\] is not a readable image"):
+        Editor.from_export(copy, device="cpu", progress=False)

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from editkit.config import run_main
+from editkit.files import LOCK_FILE
 from s2edit.export import load_export
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,14 +111,22 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_the_resumed_run_exports(workdi
     assert process.returncode == 130, stderr
     assert "resume with resume=true" in stderr and stderr.strip().splitlines()[-1] == "error: interrupted"
     assert checkpoint.is_file() and not (tmp / "run" / "export").exists()
+    assert not (tmp / "run" / LOCK_FILE).exists()  # Ctrl-C releases the lock of out
     interrupted_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
     assert interrupted_at >= 1
+    # what a killed run would have left: the next run that owns out removes it and never reads it
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp / "run" / "checkpoints" / ".last.ckpt.tmp").write_bytes(b"half a checkpoint")
+    (tmp / "run" / f".export.tmp-{dead.pid}-x1").mkdir()
 
     resumed = _train(tmp, f"max_steps={interrupted_at + 2}", "resume=true", "image_log_every=1")
     stdout, stderr = resumed.communicate(timeout=START_TIMEOUT_S)
     assert resumed.returncode == 0, stderr
     assert "export written to" in stdout
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == interrupted_at + 2
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == ["checkpoints", "export", "tb"]
+    assert [p.name for p in (tmp / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
     _, manifest = load_export(tmp / "run" / "export")
     assert manifest.tokens[0].placeholder == "[I]" and manifest.base_model == "tiny"
 
