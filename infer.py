@@ -197,8 +197,9 @@ def load_editor(cfg: InferConfig, inputs: Inputs) -> Any:
 
     if cfg.ckpt is not None:
         return Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision)
+    # a random preset's weights are always drawn from seed 0: `seed` is the edit's noise, not the model
     return Editor.from_model(
-        cfg.model, device=cfg.device, precision=cfg.precision, seed=cfg.seed, cache_dir=inputs.out / "cache"
+        cfg.model, device=cfg.device, precision=cfg.precision, cache_dir=inputs.out / "cache"
     )
 
 

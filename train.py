@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
@@ -111,8 +113,18 @@ def lightning_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
-    """Build the module, data and trainer; fine-tune; export. Returns the export folder."""
+def fit(
+    config: TrainConfig,
+    pairs: list[TrainingPair],
+    callbacks: Sequence[Any] = (),
+    resumable: bool = True,
+    progress_bar: bool = True,
+    devices: int | list[int] = 1,
+) -> Path:
+    """Build the module, data and trainer; fine-tune; export. Returns the export folder.
+
+    `callbacks`: more Lightning callbacks (the web app's progress); `resumable=False` writes no
+    `last.ckpt` (an app that fine-tunes in its own process does not resume)."""
     # Heavy imports here, so that refused inputs fail within a second or two
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -144,14 +156,18 @@ def fit(config: TrainConfig, pairs: list[TrainingPair]) -> Path:
     # 2. Trainer: constant lr, grad clipping, a resumable checkpoint, TensorBoard at <out>/tb
     trainer = L.Trainer(
         accelerator=config.accelerator,
-        devices=1,
+        devices=devices,
         precision=lightning_precision(config.precision, config.accelerator),
         max_steps=config.max_steps,
         max_epochs=-1,
         gradient_clip_val=config.finetune.grad_clip or None,
         logger=TensorBoardLogger(save_dir=out, name=TENSORBOARD_NAME, version="", default_hp_metric=False),
-        callbacks=[ResumeCheckpoint(out / CHECKPOINT_DIR, config.checkpoint_every)],
+        callbacks=[
+            *([ResumeCheckpoint(out / CHECKPOINT_DIR, config.checkpoint_every)] if resumable else []),
+            *callbacks,
+        ],
         enable_checkpointing=False,  # ResumeCheckpoint writes last.ckpt itself
+        enable_progress_bar=progress_bar,
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         default_root_dir=out,

@@ -119,7 +119,8 @@ class InferConfig:
         "resolution, else the model's native size (SD v1: 512, tiny: 256)",
         ge=64, le=MAX_RESOLUTION,
     )
-    seed: int = _opt(0, "random seed (virtual: the noise of every step)", ge=0, le=2**32 - 1)
+    seed: int = _opt(0, "random seed: the noise of the virtual method (random presets keep seed-0 weights)",
+                     ge=0, le=2**32 - 1)
     method: str = _opt(
         "auto", "editing method: p2p (inversion + Prompt-to-Prompt), virtual (training-free virtual "
                 "inversion, SPEC §9), auto (virtual without ckpt, p2p with ckpt)", choices=METHODS)

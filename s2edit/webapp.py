@@ -37,7 +37,6 @@ import threading
 import time
 import typing
 import uuid
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -350,43 +349,7 @@ def fine_tune(config: TrainConfig, pairs: list[Any], callbacks: Sequence[L.Callb
               devices: list[int] | int = 1) -> Path:
     """train.py's `fit` in this process, with the app's callbacks (progress) and without the resumable
     checkpoint or a progress bar; returns the export folder (<out>/export)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from s2edit.data import S2EditDataModule
-    from s2edit.module import S2EditModule
-
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")  # as train.py: cached tensors
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen VAE, on purpose
-    warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
-    out = Path(config.out)
-    # 1. Model and data (the object mask is read from the pretrained model in datamodule.setup)
-    L.seed_everything(config.seed, verbose=False)
-    module = S2EditModule(config)
-    datamodule = S2EditDataModule(
-        pairs, module.sd, module.token_ids, config.max_steps, module.resolution,
-        config.spatial.mask_timesteps, config.spatial.mask_threshold, config.seed,
-    )
-    # 2. Trainer as train.py's: constant lr, grad clipping, TensorBoard at <out>/tb
-    trainer = L.Trainer(
-        accelerator=config.accelerator,
-        devices=devices,
-        precision=train.lightning_precision(config.precision, config.accelerator),
-        max_steps=config.max_steps,
-        max_epochs=-1,
-        gradient_clip_val=config.finetune.grad_clip or None,
-        logger=TensorBoardLogger(save_dir=out, name=train.TENSORBOARD_NAME, version="",
-                                 default_hp_metric=False),
-        callbacks=list(callbacks),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
-    # 3. Fine-tune, 4. export what the editing stage loads
-    trainer.fit(module, datamodule=datamodule, weights_only=True)
-    return module.export(out, datamodule.prepared)
+    return train.fit(config, pairs, callbacks=callbacks, resumable=False, progress_bar=False, devices=devices)
 
 
 # ----------------------------------------------------------------------------------------- the app

@@ -39,6 +39,20 @@ def tame_tiny_model() -> Callable[[], StableDiffusion]:
 
 
 @pytest.fixture(scope="session")
+def tame_editor(tame_tiny_model):
+    """An Editor on the damped tiny model (no placeholders, no cache, no progress bars)."""
+    from s2edit.editing import Editor
+
+    return Editor(tame_tiny_model(), weights="tiny-damped", progress=False)
+
+
+@pytest.fixture(scope="session")
+def chelsea_128(tame_editor) -> torch.Tensor:
+    """examples/chelsea.png at 128² (the editing tests' working size), (1, 3, 128, 128) in [-1, 1]."""
+    return tame_editor.load_image(IMAGE, 128)
+
+
+@pytest.fixture(scope="session")
 def make_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: an export folder as train.py writes it, for a tiny model `sd` (no training needed).
 

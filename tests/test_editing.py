@@ -26,14 +26,14 @@ NO_SPL = SPLSettings(structure=False, postprocess=False)
 
 
 @pytest.fixture(scope="module")
-def editor(tame_tiny_model) -> Editor:
+def editor(tame_editor) -> Editor:
     """The tiny model, UNet output damped (conftest.py: well-conditioned DDIM trajectories)."""
-    return Editor(tame_tiny_model(), weights="tiny-damped", progress=False)
+    return tame_editor
 
 
 @pytest.fixture(scope="module")
-def image(editor) -> torch.Tensor:
-    return editor.load_image(IMAGE, RESOLUTION)
+def image(chelsea_128) -> torch.Tensor:
+    return chelsea_128
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,14 @@ NO_SPL = SPLSettings(structure=False, postprocess=False)
 
 
 @pytest.fixture(scope="module")
-def editor(tame_tiny_model) -> Editor:
-    return Editor(tame_tiny_model(), weights="tiny-damped", progress=False)
+def editor(tame_editor) -> Editor:
+    """The tiny model, UNet output damped (conftest.py: well-conditioned DDIM trajectories)."""
+    return tame_editor
 
 
 @pytest.fixture(scope="module")
-def image(editor) -> torch.Tensor:
-    return editor.load_image(IMAGE, RESOLUTION)
+def image(chelsea_128) -> torch.Tensor:
+    return chelsea_128
 
 
 def record(attribute: str, into: list):
