@@ -263,3 +263,29 @@ def test_the_empty_float32_list_warning_of_diffusers_is_filtered() -> None:
     noise = "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting directly"
     assert not logger.filter(record(noise))
     assert logger.filter(record("There are modules in X that should be kept in float32: ['norm']"))
+
+
+def test_a_local_lcm_folder_keeps_its_scheduler_for_the_virtual_editor(tmp_path):
+    """A diffusers folder whose scheduler is an LCMScheduler (as SimianLuo/LCM_Dreamshaper_v7) loads through
+    model=PATH; the inversion path still gets SPEC §3's DDIM, the virtual editor LCM timesteps (SPEC §9)."""
+    from diffusers import LCMScheduler
+
+    from s2edit.diffusion import is_lcm
+    from s2edit.editing import Editor
+    from s2edit.settings import SPLSettings, VirtualSettings
+
+    _save_folder(load_stable_diffusion("tiny-lcm", seed=0), tmp_path)
+    lcm_config = json.loads((MODEL_CONFIG_DIR / "tiny-lcm" / "scheduler.json").read_text())
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(lcm_config))
+    sd = load_stable_diffusion(str(tmp_path))
+    assert is_lcm(sd.scheduler_config) and type(sd.scheduler).__name__ == "DDIMScheduler"
+    assert sd.scheduler.config.set_alpha_to_one is False  # SPEC §3 DDIM for inversions
+    timesteps = []
+    editor = Editor(sd, weights="lcm-folder", progress=False)
+    image = editor.load_image(MODEL_CONFIG_DIR.parents[1] / "examples" / "chelsea.png", 128)
+    editor.edit_virtual(image, "a photo of a cat", ["a photo of a tiger"], virtual=VirtualSettings(steps=4),
+                        spl=SPLSettings(structure=False, postprocess=False),
+                        callback=lambda state: timesteps.append(int(state.timestep)))
+    reference = LCMScheduler.from_config(lcm_config)
+    reference.set_timesteps(4, original_inference_steps=50)
+    assert timesteps == reference.timesteps.tolist()
