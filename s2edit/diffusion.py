@@ -84,28 +84,36 @@ def is_lcm(scheduler_config: Mapping[str, Any]) -> bool:
 # ----------------------------------------------------------------------------------------- DDIM math
 
 
-def to_epsilon(output: torch.Tensor, z: torch.Tensor, alpha: float, prediction_type: str) -> torch.Tensor:
+Alpha = float | torch.Tensor  # one ᾱ, or one per row as (B, 1, 1, 1) (steps batched together)
+
+
+def _root(x: Alpha) -> Alpha:
+    """√x of a number (math.sqrt, as the reference computes it) or elementwise of a tensor."""
+    return math.sqrt(x) if isinstance(x, (int, float)) else x.sqrt()
+
+
+def to_epsilon(output: torch.Tensor, z: torch.Tensor, alpha: Alpha, prediction_type: str) -> torch.Tensor:
     """The UNet's output as a noise prediction ε (v-prediction models: ε = √ᾱ·v + √(1−ᾱ)·z)."""
     if prediction_type == "epsilon":
         return output
     if prediction_type == "v_prediction":
-        return math.sqrt(alpha) * output + math.sqrt(1 - alpha) * z
+        return _root(alpha) * output + _root(1 - alpha) * z
     if prediction_type == "sample":
-        return (z - math.sqrt(alpha) * output) / math.sqrt(1 - alpha)
+        return (z - _root(alpha) * output) / _root(1 - alpha)
     raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
 
 
-def predicted_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor:
+def predicted_x0(z: torch.Tensor, eps: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     """x̂0 = (z_t − √(1−ᾱ_t)·ε) / √ᾱ_t (SPEC §3)."""
-    return (z - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+    return (z - _root(1 - alpha) * eps) / _root(alpha)
 
 
-def ddim_move(x0: torch.Tensor, eps: torch.Tensor, alpha_to: float) -> torch.Tensor:
+def ddim_move(x0: torch.Tensor, eps: torch.Tensor, alpha_to: Alpha) -> torch.Tensor:
     """z = √ᾱ_to·x̂0 + √(1−ᾱ_to)·ε: the deterministic DDIM latent at noise level ᾱ_to."""
-    return math.sqrt(alpha_to) * x0 + math.sqrt(1 - alpha_to) * eps
+    return _root(alpha_to) * x0 + _root(1 - alpha_to) * eps
 
 
-def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha_from: Alpha, alpha_to: Alpha) -> torch.Tensor:
     """Deterministic DDIM move from noise level ᾱ_from to ᾱ_to with the noise estimate ε (SPEC §3).
 
     Denoising uses (ᾱ_t, ᾱ_{t−Δ}); inversion the same formula with (ᾱ_{t−Δ}, ᾱ_t).
@@ -139,12 +147,13 @@ def predict_noise(
     z: torch.Tensor,
     t: torch.Tensor,
     embeds: torch.Tensor,
-    alpha: float,
+    alpha: Alpha,
     prediction_type: str,
     columns: Sequence[ColumnMask] = (),
     renormalize: bool = False,
 ) -> torch.Tensor:
-    """ε̂(z, t, embeds) in float32; `z` (1 or B rows) is broadcast to the B rows of `embeds`.
+    """ε̂(z, t, embeds) in float32; `z` (1 or B rows) is broadcast to the B rows of `embeds`; `t` is one
+    timestep or one per row (then `alpha` is (B, 1, 1, 1)).
 
     `columns` are spatial-control masks for rows of THIS batch (installed for this call only; a caller
     that routes attention itself passes none). Gradients flow when enabled.

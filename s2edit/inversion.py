@@ -46,6 +46,7 @@ METHODS = ("null_text", "direct", "negative_prompt", "ddim")
 GUIDED_METHODS = ("null_text", "direct")  # methods whose result depends on the guidance scale w
 CACHE_FORMAT = "s2edit-inversion"
 CACHE_VERSION = 2  # 2: null-text early stop after the update (SPEC §3), direct offsets
+DIRECT_BATCH_STEPS = 5  # Direct Inversion: steps per UNet call (10 rows); independent of each other
 STALE_TEMP_SECONDS = 60  # a cache temp file this old belongs to no running save: a killed run left it
 CACHE_KEY_CHARS = 20  # hex characters of the key's sha256 used in cache file names
 
@@ -182,27 +183,37 @@ def direct_offsets(
     placeholder_masks: Sequence[PlaceholderMask] = (),
     renormalize: bool = False,
     progress: bool = True,
+    batch_steps: int = DIRECT_BATCH_STEPS,
 ) -> torch.Tensor:
     """Direct Inversion's per-step offsets (SPEC §3; PnPInversion `offset_calculate`). Returns (N, C, h, w).
 
-    Walking down once from z*_N with ∅ = `null_embeds` and guidance w (spatial control on the
-    conditional row, as in the edit's source branch): z_rec = DDIM_step(CFG(ε_∅, ε_c, w), t, z*_t),
-    offset_i = z*_{t−1} − z_rec, and the walk continues from z*_{t−1}. One guided pass per step.
+    Walking down from z*_N with ∅ = `null_embeds` and guidance w (spatial control on the conditional
+    rows, as in the edit's source branch): z_rec = DDIM_step(CFG(ε_∅, ε_c, w), t, z*_t),
+    offset_i = z*_{t−1} − z_rec, and the walk continues from z*_{t−1}. Since every step starts from the
+    stored trajectory, the steps do not depend on each other: `batch_steps` of them share one UNet call
+    (one guided pass per step, batched).
     """
     n = len(schedule)
     if latents.shape[0] != n + 1:
         raise ValueError(f"expected {n + 1} inversion latents for {n} steps, got {latents.shape[0]}")
-    embeds = torch.cat([null_embeds.float(), prompt_embeds.float()])  # [∅, c]
-    columns = _columns(placeholder_masks, rows=[1])
     offsets = []
-    for i in tqdm(range(n), desc="direct inversion", disable=not progress, leave=False):
-        t = schedule.timesteps[i]
-        alpha, alpha_prev = float(schedule.alphas[i]), float(schedule.alphas_prev[i])
-        z = latents[n - i : n + 1 - i].float()  # z*_t
-        eps = predict_noise(unet, z, t, embeds, alpha, schedule.prediction_type, columns, renormalize)
-        reconstructed = ddim_step(z, guided_noise(eps[:1], eps[1:], guidance), alpha, alpha_prev)
-        offsets.append(latents[n - 1 - i].float() - reconstructed[0])
-    return torch.stack(offsets)
+    bar = tqdm(total=n, desc="direct inversion", disable=not progress, leave=False)
+    for first in range(0, n, batch_steps):
+        steps = list(range(first, min(first + batch_steps, n)))
+        rows = len(steps)
+        z = latents[[n - i for i in steps]].float()  # z*_t of each step, (rows, C, h, w)
+        t = schedule.timesteps[steps].repeat(2)
+        alpha = schedule.alphas[steps].float().view(-1, 1, 1, 1).to(z.device)
+        alpha_prev = schedule.alphas_prev[steps].float().view(-1, 1, 1, 1).to(z.device)
+        embeds = torch.cat([null_embeds.float(), prompt_embeds.float()]).repeat_interleave(rows, dim=0)
+        columns = _columns(placeholder_masks, rows=range(rows, 2 * rows))  # the conditional rows
+        eps = predict_noise(unet, torch.cat([z, z]), t, embeds, alpha.repeat(2, 1, 1, 1),
+                            schedule.prediction_type, columns, renormalize)
+        reconstructed = ddim_step(z, guided_noise(eps[:rows], eps[rows:], guidance), alpha, alpha_prev)
+        offsets.append(latents[[n - 1 - i for i in steps]].float() - reconstructed)
+        bar.update(rows)
+    bar.close()
+    return torch.cat(offsets)
 
 
 @dataclass

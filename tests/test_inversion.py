@@ -283,3 +283,19 @@ def test_temp_files_of_a_killed_save_are_removed_by_the_next_run(sd, image, tmp_
     os.utime(stale, (old, old))
     load_or_invert(sd, image, PROMPT, tmp_path, "w", "ddim", 2, GUIDANCE, progress=False)
     assert not stale.exists() and fresh.exists()  # a temp file of a live save is never touched
+
+
+def test_direct_offsets_batched_over_steps_equal_one_step_at_a_time(sd, inversions) -> None:
+    """The steps of Direct Inversion's offset pass start from the stored trajectory, so they can share a
+    UNet call; batching them changes nothing but float rounding."""
+    from s2edit.inversion import direct_offsets
+
+    direct = inversions["direct"]
+    schedule = DDIMSchedule.from_scheduler(sd.scheduler, STEPS)
+    with torch.no_grad():
+        null, cond = sd.encode_prompt([""]), sd.encode_prompt([PROMPT])
+    args = (sd.unet, direct.latents, cond, null, schedule, GUIDANCE)
+    one = direct_offsets(*args, progress=False, batch_steps=1)
+    four = direct_offsets(*args, progress=False, batch_steps=4)
+    torch.testing.assert_close(four, one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(direct.offsets, one, atol=1e-5, rtol=1e-5)
