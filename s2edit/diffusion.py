@@ -18,6 +18,7 @@ All sampler math runs in float32 (the schedules in float64) whatever the UNet's 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -169,7 +170,7 @@ def predict_noise(
 # ----------------------------------------------------------------------------------------- samplers
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Interface of the editing loop's update rule (see the module docstring)."""
 
     schedule: DDIMSchedule
@@ -180,11 +181,13 @@ class Sampler:
     def alpha(self, i: int) -> float:
         return float(self.schedule.alphas[i])
 
+    @abc.abstractmethod
     def predict_x0(self, latents: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        raise NotImplementedError
+        """x̂0 of every row at step i from the guided noise estimate."""
 
+    @abc.abstractmethod
     def step(self, latents: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The latents after step i, from x̂0 (maybe replaced by a hook) and the same ε̂."""
 
     def result(self, latents: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The latents to decode after the last step."""
