@@ -53,6 +53,14 @@ CACHE_KEY_CHARS = 20  # hex characters of the key's sha256 used in cache file na
 PlaceholderMask = tuple[int, torch.Tensor]  # (token position in the prompt, (H, W) mask in [0, 1])
 
 
+def trajectory_steps(latents: torch.Tensor, schedule: DDIMSchedule) -> int:
+    """N, the steps of `schedule`, after checking that `latents` is its N + 1 inversion latents."""
+    n = len(schedule)
+    if latents.shape[0] != n + 1:
+        raise ValueError(f"expected {n + 1} inversion latents for {n} steps, got {latents.shape[0]}")
+    return n
+
+
 def _columns(masks: Sequence[PlaceholderMask], rows: Sequence[int]) -> list[ColumnMask]:
     return [ColumnMask(row, token, mask) for row in rows for token, mask in masks]
 
@@ -127,9 +135,7 @@ def null_text_optimization(
     """
     if next(unet.parameters()).dtype == torch.float16:
         raise ValueError("null-text optimisation does not converge in float16: use fp32 or bf16 weights")
-    n = len(schedule)
-    if latents.shape[0] != n + 1:
-        raise ValueError(f"expected {n + 1} inversion latents for {n} steps, got {latents.shape[0]}")
+    n = trajectory_steps(latents, schedule)
     cond_columns = _columns(placeholder_masks, rows=[0])
     kind = schedule.prediction_type
     null = null_embeds.detach().float().clone()
@@ -193,9 +199,7 @@ def direct_offsets(
     stored trajectory, the steps do not depend on each other: `batch_steps` of them share one UNet call
     (one guided pass per step, batched).
     """
-    n = len(schedule)
-    if latents.shape[0] != n + 1:
-        raise ValueError(f"expected {n + 1} inversion latents for {n} steps, got {latents.shape[0]}")
+    n = trajectory_steps(latents, schedule)
     offsets = []
     bar = tqdm(total=n, desc="direct inversion", disable=not progress, leave=False)
     for first in range(0, n, batch_steps):
