@@ -56,7 +56,7 @@ from s2edit.engine import (
     refine_images,
 )
 from s2edit.export import load_export
-from s2edit.inversion import PlaceholderMask, load_or_invert, psnr, weights_fingerprint
+from s2edit.inversion import Inversion, PlaceholderMask, load_or_invert, psnr, weights_fingerprint
 from s2edit.maps import attention_maps, loss_masks, preservation_masks
 from s2edit.models import StableDiffusion, load_stable_diffusion
 from s2edit.plan import EditPlan, Placeholder, plan_edit
@@ -334,7 +334,7 @@ class Editor:
         nti: NullTextSettings | None = None,
         spatial_control: bool = True,
         resolution: int | None = None,
-    ) -> Any:
+    ) -> Inversion:
         """Invert an image (path or (1, 3, H, W) in [-1, 1]) under the source prompt P̃ (SPEC §3).
 
         `method`: null_text, direct, negative_prompt or ddim. Reuses the cache entry of an identical
@@ -416,7 +416,7 @@ class Editor:
 
     def edit(
         self,
-        inversion: Any,
+        inversion: Inversion,
         targets: Sequence[str] | EditPlan,
         *,
         p2p: P2PSettings | None = None,
@@ -431,8 +431,6 @@ class Editor:
         `callback(state)` runs after every step and may return new "latents" (like diffusers'
         `callback_on_step_end`).
         """
-        from s2edit.inversion import Inversion
-
         if not isinstance(inversion, Inversion):
             raise InputError(
                 f"inversion must be an Inversion from Editor.invert, got {type(inversion).__name__}"

@@ -163,10 +163,7 @@ class LocalBlendHook(StepHook):
         self.store = store
 
     def after_update(self, state: StepState) -> None:
-        if isinstance(self.blend, VirtualLocalBlend):
-            state.latents = self.blend(state.latents, self.store, state.step, state.alpha)
-        else:
-            state.latents = self.blend(state.latents, self.store, step=state.step)
+        state.latents = self.blend(state.latents, self.store, state.step, state.alpha)
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,15 @@ def replace_mapping(
     return mapper
 
 
+def refine_mapped(
+    source: torch.Tensor, target: torch.Tensor, index: torch.Tensor, alphas: torch.Tensor
+) -> torch.Tensor:
+    """P2P refine: the source maps (..., K) rearranged into the target's token order where a target token
+    has a source partner (α = 1), the target's own maps for new tokens (α = 0): α·A_S[index] + (1 − α)·A_T."""
+    alphas = alphas.to(target)
+    return alphas * source[..., index.to(source.device)] + (1 - alphas) * target
+
+
 def prompt_word_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[list[int]]:
     """Token ids of each whitespace-separated word of `prompt` (start/end tokens excluded)."""
     encoding = tokenizer(prompt, return_offsets_mapping=True, truncation=False)
@@ -303,8 +312,7 @@ class PromptToPrompt(AttentionController):
     def _mapped(self, source: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
         """The source maps (heads, Q, K) rearranged into target k's token order, reweighted."""
         if self.index is not None:
-            alphas = self.alphas[k].to(target)
-            mapped = alphas * source[..., self.index[k].to(source.device)] + (1 - alphas) * target
+            mapped = refine_mapped(source, target, self.index[k], self.alphas[k])
         else:
             mapped = source @ self.mapper[k].to(source)  # Σ_s source[..., s]·mapper[s, t]
         if self.reweight is not None:
@@ -365,8 +373,11 @@ class LocalBlend:
         peak = words.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(words.dtype).tiny)
         return words / peak > self.threshold
 
-    def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:
-        """z[target] = z[source] + mask·(z[target] − z[source]), mask = target words ∪ source words."""
+    def __call__(
+        self, latents: torch.Tensor, store: AttentionStore, step: int, alpha: float | None = None
+    ) -> torch.Tensor:
+        """z[target] = z[source] + mask·(z[target] − z[source]), mask = target words ∪ source words.
+        (`alpha`, the step's ᾱ, is unused: P2P's thresholds do not depend on it.)"""
         if step < self.start_step:
             return latents
         maps = store.average(self.level, until=step)  # (P, h, w, K)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from s2edit.attention import MASK_LEVEL, AttentionCall, AttentionController, AttentionStore, heads_view
+from s2edit.p2p import refine_mapped
 
 
 class VirtualAttentionControl(AttentionController):
@@ -96,8 +97,7 @@ class VirtualAttentionControl(AttentionController):
         maps = heads_view(probs, call.heads)  # (B, heads, Q, K)
         source, edited = maps[rows[0]], maps.clone()
         for k, row in enumerate(rows[1:-1]):
-            alphas = self.alphas[k].to(maps)
-            edited[row] = alphas * source[..., self.index[k].to(maps.device)] + (1 - alphas) * maps[row]
+            edited[row] = refine_mapped(source, maps[row], self.index[k], self.alphas[k])
         return edited.reshape(probs.shape)
 
 
