@@ -259,6 +259,16 @@ def _flatten(tree: dict, dict_keys: set[str], prefix: str = "") -> Iterator[tupl
             yield key, v
 
 
+def _dict_keys(schema: type) -> set[str]:
+    """The dotted keys of a schema whose values are mappings (leaves, not sections)."""
+    return {key for key, _, tp in _fields(schema) if typing.get_origin(_unwrap_optional(tp)[0]) is dict}
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """Every key of a schema instance as the command line writes it (`nti.lr`, `p2p.reweight`) → value."""
+    return dict(_flatten(dataclasses.asdict(config), _dict_keys(type(config))))
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -328,7 +338,7 @@ def parse_config(
         print(format_help(schema, prog, description, defaults_yaml))
         raise SystemExit(0)
     leaves = {key: (field, tp) for key, field, tp in _fields(schema)}
-    dict_keys = {k for k, (_, tp) in leaves.items() if typing.get_origin(_unwrap_optional(tp)[0]) is dict}
+    dict_keys = _dict_keys(schema)
 
     values: dict[str, Any] = {}
 
@@ -366,6 +376,19 @@ def parse_config(
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), tree))
     except OmegaConfBaseException as err:  # types are already checked above; this is a last guard
         raise InputError(f"invalid configuration: {str(err).splitlines()[0]}") from None
+
+
+def explicit_keys(schema: type, argv: list[str]) -> set[str]:
+    """The keys a user set: every key of the `key=value` arguments, and the keys of `config=` files whose
+    values differ from the schema's defaults (a copied defaults file sets nothing). The arguments must
+    have parsed with :func:`parse_config` already."""
+    given = {arg.split("=", 1)[0].strip().lstrip("+") for arg in argv if "=" in arg} - {"config"}
+    files = [arg.split("=", 1)[1] for arg in argv if arg.startswith("config=")]
+    if files:
+        defaults = flat_values(parse_config(schema, []))
+        from_files = flat_values(parse_config(schema, [f"config={file}" for file in files]))
+        given |= {key for key, value in from_files.items() if value != defaults[key]}
+    return given
 
 
 def to_yaml(config: Any) -> str:

@@ -34,7 +34,8 @@ MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCE
 # errno values of a bad path: reported in one line when the path lies in the output being written
 PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY,
                          errno.ENAMETOOLONG, errno.ELOOP})
-_ATOMIC_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # what atomic_path names its temporary files
+# what atomic_path names its temporary files: `.<name>.<pid>-<random>.tmp` (earlier: `.<name>.<hex>.tmp`)
+_ATOMIC_TEMP = re.compile(r"^\..+\.(?:(?P<pid>\d+)-[0-9a-f]{8}|[0-9a-f]{12})\.tmp$")
 
 
 @contextlib.contextmanager
@@ -42,11 +43,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
     The writer creates the temporary file itself, so it gets the usual permissions (umask), not 0600.
-    A file-system error while writing names `path`, not the temporary file.
+    A file-system error while writing names `path`, not the temporary file. The temporary name holds the
+    writer's pid, so that what a killed writer left can be told from a live writer's file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -59,18 +61,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
 
 
-def remove_temporaries(*folders: str | Path) -> list[Path]:
+def remove_temporaries(
+    *folders: str | Path, dead_writers_only: bool = False, older_than_s: float | None = None
+) -> list[Path]:
     """Delete the temporary files of :func:`atomic_path` that a killed run left in `folders` (not in their
-    subfolders). Only for folders the caller owns (holds the :class:`OutputLock` of): no other run
-    writes there.
+    subfolders).
+
+    By default every one: for folders the caller owns (holds the :class:`OutputLock` of), where no other run
+    writes. With `dead_writers_only` (a folder other runs may write, e.g. a shared cache), only files whose
+    writing process no longer runs on this machine, or that are older than `older_than_s`.
     """
     removed = []
+    now = time.time()
     for folder in folders:
         for path in Path(folder).glob(".*.tmp"):
-            if _ATOMIC_TEMP.match(path.name) and path.is_file():
+            match = _ATOMIC_TEMP.match(path.name)
+            if match is None or not path.is_file():
+                continue
+            if dead_writers_only:
+                pid = match.group("pid")
                 with contextlib.suppress(OSError):
-                    path.unlink()
-                    removed.append(path)
+                    old = older_than_s is not None and now - path.stat().st_mtime > older_than_s
+                    if pid is not None and pid_alive(int(pid)) and not old:
+                        continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
     return removed
 
 

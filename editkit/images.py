@@ -84,14 +84,20 @@ def working_size(width: int, height: int, resolution: int | None, multiple: int 
     return w, h
 
 
+def cover_crop(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of `size` (W, H) is fitted to `target` (W, H): the (W, H) it is resized to, covering
+    the target with its aspect ratio kept, and the (left, top) corner of the centred crop."""
+    (width, height), (w, h) = size, target
+    scale = max(w / width, h / height)
+    cover = (max(w, math.ceil(width * scale)), max(h, math.ceil(height * scale)))
+    return cover, ((cover[0] - w) // 2, (cover[1] - h) // 2)
+
+
 def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize to cover `size` (W, H) keeping the aspect ratio, then centre-crop the small excess."""
-    w, h = size
-    scale = max(w / image.width, h / image.height)
-    cover = (max(w, math.ceil(image.width * scale)), max(h, math.ceil(image.height * scale)))
+    cover, (left, top) = cover_crop(image.size, size)
     image = image.resize(cover, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (cover[0] - w) // 2, (cover[1] - h) // 2
-    return image.crop((left, top, left + w, top + h))
+    return image.crop((left, top, left + size[0], top + size[1]))
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -117,6 +123,51 @@ def load_image(path: str | Path, resolution: int | None = 512, multiple: int = 6
     """
     image = read_image(path)
     return pil_to_tensor(fit_image(image, working_size(*image.size, resolution, multiple)))
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) or (3, H, W) in [-1, 1] → [0, 1] in float32 (float64 stays float64), same device."""
+    if image.dim() not in (3, 4) or image.shape[-3] != 3:
+        raise ValueError(f"expected an RGB image (3, H, W) or batch (B, 3, H, W), got {tuple(image.shape)}")
+    dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    return (image.detach().to(dtype) + 1.0) / 2.0
+
+
+def unit_psnr(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image of a (B, C, H, W) batch in [0, 1] against `reference` (peak 1):
+    −10·log10(MSE), inf for identical images. Returns (B,)."""
+    if image.shape != reference.shape:
+        raise ValueError(f"image {tuple(image.shape)} and reference {tuple(reference.shape)} differ in shape")
+    mse = (image - reference).square().flatten(1).mean(dim=1)
+    return -10.0 * torch.log10(mse)  # log10(0) = −inf: identical images give inf
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image of a (B, 3, H, W) batch in [-1, 1] against `reference`, on [0, 1]: (B,)."""
+    return unit_psnr(to_unit(image), to_unit(reference))
+
+
+def check_image_tensor(image: object, multiple: int) -> torch.Tensor:
+    """An image tensor from a Python caller: (1, 3, H, W) floating point in [-1, 1], finite, sides
+    multiples of `multiple`; refused in one line naming what is wrong."""
+    if not isinstance(image, torch.Tensor):
+        raise InputError(f"image must be a path or a (1, 3, H, W) tensor, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if image.dim() != 4 or shape[:2] != (1, 3) or any(side % multiple for side in shape[-2:]):
+        raise InputError(
+            f"image tensor of shape {shape} must be (1, 3, H, W) with H, W multiples of {multiple}"
+        )
+    if not image.is_floating_point():
+        raise InputError(f"image tensor of dtype {image.dtype} must be floating point in [-1, 1] "
+                         "(convert uint8 with x / 127.5 − 1)")
+    if not bool(torch.isfinite(image).all()):
+        raise InputError("image tensor contains NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < -1.001 or high > 1.001:
+        raise InputError(f"image tensor values lie in [{low:.3g}, {high:.3g}], not in [-1, 1] "
+                         "(a [0, 255] image must be scaled: x / 127.5 − 1)")
+    image = image.detach().float()  # the caller's layout is kept: conv kernels round by memory layout
+    return image.clamp(-1, 1) if low < -1 or high > 1 else image
 
 
 def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,13 +1,15 @@
-"""S2Edit: identity fine-tuning and Prompt-to-Prompt editing of Stable Diffusion with spatial control.
+"""S2Edit: identity fine-tuning and structure-preserving editing of diffusion models (S2Edit + SPL).
 
-Built on `spl` (model-free image ops: structure/colour preservation losses, guided filter, image I/O).
-The public API is importable from here; the heavy modules (diffusers, lightning) load on first use, so
-`import s2edit` stays cheap for scripts that only check their inputs.
+The stages are subpackages, each importing only the ones below it: `core` (model families, attention,
+diffusion, the loop), `training` (identity fine-tuning, the export), `editing` (inversions, the editing
+methods, the Editor), `evaluation` (datasets, metrics, the runner) and `app` (the Gradio UI). Built on
+`spl` (model-free SPL math) and `editkit` (errors, configs, files, images). The public API is importable
+from here; the heavy modules (diffusers, lightning) load on first use, so `import s2edit` stays cheap:
 
-    from s2edit import Editor
-    editor = Editor.from_export("outputs/astronaut/export")   # load once …
-    inversion = editor.invert(image, prompt)                   # … invert (cached) and edit many times
-    result = editor.edit(inversion, ["a photo of a [I] woman with bangs"], p2p=P2PSettings(self_replace=0.6))
+    from s2edit import Editor, EditRequest
+    editor = Editor.from_export("outputs/astronaut/export")                 # load once …
+    result = editor.run(image, "a photo of a [I] woman", ["a photo of a [I] woman with bangs"],
+                        EditRequest(method="p2p", inversion="direct"))      # … edit many times
 """
 
 from __future__ import annotations
@@ -16,31 +18,36 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Editor": "s2edit.editing",
-    "EditResult": "s2edit.editing",
-    "Placeholder": "s2edit.plan",
-    "EditPlan": "s2edit.plan",
-    "plan_edit": "s2edit.plan",
-    "NullTextSettings": "s2edit.settings",
-    "P2PSettings": "s2edit.settings",
-    "SPLSettings": "s2edit.settings",
-    "MaskSettings": "s2edit.settings",
-    "VirtualSettings": "s2edit.settings",
-    "StepState": "s2edit.engine",
-    "StepHook": "s2edit.engine",
-    "S2EditModule": "s2edit.module",
-    "S2EditDataModule": "s2edit.data",
-    "load_export": "s2edit.export",
-    "StableDiffusion": "s2edit.models",
-    "load_stable_diffusion": "s2edit.models",
-    "ddim_scheduler": "s2edit.models",
-    "clip_tokenizer": "s2edit.tokenizer",
-    "add_placeholder_token": "s2edit.tokenizer",
-    "token_ids": "s2edit.tokenizer",
-    "word_token_indices": "s2edit.tokenizer",
-    "eos_index": "s2edit.tokenizer",
-    "TrainConfig": "s2edit.config",
-    "InferConfig": "s2edit.config",
+    "Editor": "s2edit.editing.editor",
+    "EditResult": "s2edit.editing.result",
+    "EditRequest": "s2edit.editing.request",
+    "InversionRequest": "s2edit.editing.request",
+    "Placeholder": "s2edit.editing.plan",
+    "EditPlan": "s2edit.editing.plan",
+    "plan_edit": "s2edit.editing.plan",
+    "edit_method": "s2edit.editing.methods",
+    "NullTextSettings": "s2edit.core.settings",
+    "P2PSettings": "s2edit.core.settings",
+    "SPLSettings": "s2edit.core.settings",
+    "MaskSettings": "s2edit.core.settings",
+    "VirtualSettings": "s2edit.core.settings",
+    "StepState": "s2edit.core.engine",
+    "StepHook": "s2edit.core.engine",
+    "ModelFamily": "s2edit.core.family",
+    "Conditioning": "s2edit.core.family",
+    "GuidedDenoiser": "s2edit.core.denoiser",
+    "load_model": "s2edit.core.loading",
+    "ddim_scheduler": "s2edit.core.loading",
+    "clip_tokenizer": "s2edit.core.tokenizer",
+    "token_ids": "s2edit.core.tokenizer",
+    "word_token_indices": "s2edit.core.tokenizer",
+    "eos_index": "s2edit.core.tokenizer",
+    "S2EditModule": "s2edit.training.module",
+    "S2EditDataModule": "s2edit.training.data",
+    "load_export": "s2edit.training.export",
+    "TrainConfig": "s2edit.training.config",
+    "InferConfig": "s2edit.editing.config",
+    "EvaluateConfig": "s2edit.evaluation.config",
 }
 
 __all__ = sorted(_EXPORTS)
