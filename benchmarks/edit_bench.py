@@ -5,7 +5,8 @@
                                     [--virtual-steps 15] [--device cpu|cuda] [--threads N] [--repeats 1]
                                     [--system-malloc]
 
-The null-text inversion of `s2edit.inversion` is compared, in the same run and on the same inputs, with
+The null-text inversion of `s2edit.editing.inversion` is compared, in the same run and on the same inputs,
+with
 `reference_null_text` below: the same algorithm (same early stop, same stored ∅_i, hence the same
 result) written the straightforward way, i.e. the whole classifier-free-guidance batch [∅, P̃] through
 the UNet (forward and backward) at every inner step, and a separate CFG pass to advance z̄. The fast
@@ -46,11 +47,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editkit.images import load_image
-from s2edit.diffusion import DDIMSchedule, ddim_step
-from s2edit.inversion import DEFAULT_NTI, ddim_inversion, invert, reconstruct
-from s2edit.models import StableDiffusion, load_stable_diffusion
-from s2edit.runtime import retain_freed_memory
-from s2edit.settings import NullTextSettings, SPLSettings, VirtualSettings
+from s2edit.core.denoiser import GuidedDenoiser
+from s2edit.core.diffusion import DDIMSchedule, ddim_step
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import load_model
+from s2edit.core.runtime import retain_freed_memory
+from s2edit.core.settings import NullTextSettings, SPLSettings, VirtualSettings
+from s2edit.editing.inversion import ddim_inversion, invert, reconstruct
+from s2edit.editing.request import InversionRequest
 
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "chelsea.png"
 SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
@@ -71,20 +75,22 @@ class ReferenceResult:
 
 
 def reference_null_text(
-    sd: StableDiffusion,
+    sd: ModelFamily,
     image: torch.Tensor,
     prompt: str,
     steps: int,
     guidance: float,
-    nti: NullTextSettings = DEFAULT_NTI,
+    nti: NullTextSettings | None = None,
 ) -> ReferenceResult:
-    """Null-text inversion as one would first write it: the full CFG batch at every inner step."""
+    """Null-text inversion as one would first write it: the full CFG batch at every inner step (an SD
+    model: the context is the only conditioning)."""
+    nti = nti or NullTextSettings()
     with torch.no_grad():
         z0 = sd.encode_image(image.to(sd.device)).float()
-        cond = sd.encode_prompt([prompt]).float()
-        null = sd.encode_prompt([""]).float()
+        conditioning = sd.encode_prompt([prompt]).float()
+        cond, null = conditioning.context, sd.encode_prompt([""]).float().context
     schedule = DDIMSchedule.from_scheduler(sd.scheduler, steps)
-    latents = ddim_inversion(sd.unet, z0, cond, schedule, progress=False)
+    latents = ddim_inversion(GuidedDenoiser(sd), z0, conditioning, schedule, progress=False)
     n = len(schedule)
     z = latents[n : n + 1]
     result = ReferenceResult(torch.empty(0))
@@ -126,8 +132,8 @@ def reference_null_text(
 # ----------------------------------------------------------------------------- benchmark
 
 
-def damped_model(preset: str, device: str) -> StableDiffusion:
-    sd = load_stable_diffusion(preset, device=device, seed=0)
+def damped_model(preset: str, device: str) -> ModelFamily:
+    sd = load_model(preset, device=device, seed=0)
     with torch.no_grad():
         sd.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
         sd.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
@@ -149,7 +155,7 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
     return best, value
 
 
-def pass_costs(sd: StableDiffusion, image: torch.Tensor, args: argparse.Namespace) -> dict:
+def pass_costs(sd: ModelFamily, image: torch.Tensor, args: argparse.Namespace) -> dict:
     """Seconds of one UNet pass with 1 and 2 rows, forward only and forward + backward to the text
     embedding (frozen weights), at the image's latent size; and the NTI speed-up they predict.
 
@@ -192,7 +198,7 @@ def pass_costs(sd: StableDiffusion, image: torch.Tensor, args: argparse.Namespac
 
 
 def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
-    from s2edit.editing import Editor
+    from s2edit.editing.editor import Editor
 
     sd = damped_model(preset, args.device)
     image = load_image(IMAGE, args.resolution, multiple=sd.size_multiple)
@@ -201,7 +207,7 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
     nti = NullTextSettings(inner_steps=args.inner_steps, early_stop=args.early_stop)
 
     def fast():
-        return invert(sd, image, SOURCE, "null_text", steps, GUIDANCE, nti, progress=False)
+        return invert(sd, image, SOURCE, InversionRequest("null_text", steps, GUIDANCE, nti), progress=False)
 
     def reference():
         return reference_null_text(sd, image, SOURCE, steps, GUIDANCE, nti)
@@ -213,16 +219,17 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
     else:
         row["reference_s"], ref = timed(reference, args.device, args.repeats)
         row["speedup"] = row["reference_s"] / row["null_text_s"]
-        row["max_abs_diff"] = float((inversion.null_embeddings - ref.null_embeddings.cpu()).abs().max())
+        row["max_abs_diff"] = float((inversion.nulls.context - ref.null_embeddings.cpu()).abs().max())
         row["same_updates"] = inversion.inner_steps == ref.inner_steps
     row["updates"] = sum(inversion.inner_steps)
     row["negative_prompt_s"], _ = timed(
-        lambda: invert(sd, image, SOURCE, "negative_prompt", steps, GUIDANCE, progress=False),
+        lambda: invert(sd, image, SOURCE, InversionRequest("negative_prompt", steps, GUIDANCE),
+                       progress=False),
         args.device,
         args.repeats,
     )
     row["direct_s"], direct = timed(
-        lambda: invert(sd, image, SOURCE, "direct", steps, GUIDANCE, progress=False),
+        lambda: invert(sd, image, SOURCE, InversionRequest("direct", steps, GUIDANCE), progress=False),
         args.device,
         args.repeats,
     )
@@ -277,7 +284,8 @@ def main() -> None:
     parser.add_argument(
         "--system-malloc",
         action="store_true",
-        help="leave glibc returning freed memory to the OS (default: s2edit.runtime.retain_freed_memory)",
+        help="leave glibc returning freed memory to the OS (default: s2edit.core.runtime."
+             "retain_freed_memory)",
     )
     args = parser.parse_args()
     retained = False if args.system_malloc else retain_freed_memory()

@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 from editkit.config import parse_config  # noqa: E402
 from editkit.files import atomic_path  # noqa: E402
 from editkit.images import save_image  # noqa: E402
-from s2edit.config import CONFIG_DIR  # noqa: E402
-from s2edit.evaluation_config import EvaluateConfig  # noqa: E402
+from s2edit.evaluation.config import EvaluateConfig  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 PROMPTS = [  # (image, source, target): cycled to make --items items
@@ -79,11 +78,11 @@ def item_span(out: Path) -> tuple[float, int]:
 
 def runner(args: argparse.Namespace, data: Path, out: Path) -> dict:
     """evaluate.run end to end, less its report (metrics.csv, summary, plots: timed again afterwards)."""
-    import evaluate
-    from s2edit.datasets import read_dataset
-    from s2edit.evaluation import write_report
+    from s2edit.evaluation import run as evaluate
+    from s2edit.evaluation.datasets import read_dataset
+    from s2edit.evaluation.report import write_report
 
-    cfg = parse_config(EvaluateConfig, config_args(args, data, out), CONFIG_DIR / "evaluate.yaml")
+    cfg = parse_config(EvaluateConfig, config_args(args, data, out))
     start = time.perf_counter()
     evaluate.run(cfg)
     total = time.perf_counter() - start
@@ -99,11 +98,11 @@ def runner(args: argparse.Namespace, data: Path, out: Path) -> dict:
 
 def plain_loop(args: argparse.Namespace, data: Path, out: Path) -> dict:
     """The same work as a plain loop: Editor + MetricSuite, images and metrics.json per item."""
-    from s2edit.datasets import read_dataset
-    from s2edit.editing import Editor
-    from s2edit.evaluation import item_seed
-    from s2edit.metrics import MetricSuite
-    from s2edit.settings import SPLSettings, VirtualSettings
+    from s2edit.core.settings import SPLSettings, VirtualSettings
+    from s2edit.editing.editor import Editor
+    from s2edit.evaluation.datasets import read_dataset
+    from s2edit.evaluation.items import item_seed
+    from s2edit.evaluation.metrics import MetricSuite
 
     start = time.perf_counter()
     editor = Editor.from_model(args.model, device="cpu", progress=False, resolution=args.resolution)
@@ -162,7 +161,7 @@ def main() -> None:
     parser.add_argument("--skip-processes", action="store_true", help="only the in-process comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from s2edit.runtime import retain_freed_memory
+    from s2edit.core.runtime import retain_freed_memory
 
     retain_freed_memory()  # as evaluate.py does; the plain loop gets it too
     tmp = Path(tempfile.mkdtemp(prefix="eval_bench_"))

@@ -26,7 +26,6 @@ import gc
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,14 +94,11 @@ class StepTimer(L.Callback):
 
 def fine_tuning(args: argparse.Namespace, rows: list[list[str]]) -> None:
     """Steps/s of Lightning's fit after warm-up, and peak memory, for four configurations."""
-    import train
     from editkit.config import parse_config
-    from s2edit.config import CONFIG_DIR, TrainConfig
-    from s2edit.data import S2EditDataModule
-    from s2edit.module import S2EditModule
+    from s2edit.core.trainer import lightning_precision
+    from s2edit.training import run as train
+    from s2edit.training.config import TrainConfig
 
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
     warmup, steps = (1, 1) if args.smoke else (3, 10)
     for method in ("full", "lora"):
         for checkpointing in (False, True):
@@ -113,23 +109,10 @@ def fine_tuning(args: argparse.Namespace, rows: list[list[str]]) -> None:
                 f"image={TRAIN_IMAGE}", f"max_steps={warmup + steps}",
                 f"accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}",
             ]
-            config = parse_config(TrainConfig, argv, CONFIG_DIR / "train.yaml")
-            pairs = train.check_inputs(config)
-            precision = train.lightning_precision(config.precision, config.accelerator)
-            L.seed_everything(0, verbose=False)
-            module = S2EditModule(config)
-            datamodule = S2EditDataModule(
-                pairs, module.sd, module.token_ids, warmup + steps, module.resolution
-            )
+            config = parse_config(TrainConfig, argv)
+            precision = lightning_precision(config.precision, args.device.startswith("cuda"))
             timer = StepTimer(args.device)
-
-            trainer = L.Trainer(
-                accelerator=config.accelerator, devices=1, precision=precision, max_steps=warmup + steps,
-                max_epochs=-1, gradient_clip_val=config.finetune.grad_clip, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                callbacks=[timer],
-            )
-            trainer.fit(module, datamodule=datamodule)
+            train.fit(config, train.check_inputs(config), callbacks=[timer], progress=False)
             per_step = (timer.starts[-1] - timer.starts[warmup]) / steps
             label = f"fine-tune {method}{' + grad. checkpointing' if checkpointing else ''} ({precision})"
             paper = PAPER_A100["fine-tune full"] if (method, checkpointing) == ("full", False) else ""
@@ -141,13 +124,15 @@ def fine_tuning(args: argparse.Namespace, rows: list[list[str]]) -> None:
 def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
     """Inversions, one P2P edit with SPL, and the virtual edit, on one damped model."""
     from editkit.images import load_image
-    from s2edit.editing import Editor, resolve_dtype
-    from s2edit.models import load_stable_diffusion
-    from s2edit.settings import NullTextSettings, SPLSettings, VirtualSettings
+    from s2edit.core.loading import load_model
+    from s2edit.core.runtime import resolve_dtype
+    from s2edit.core.settings import SPLSettings, VirtualSettings
+    from s2edit.editing.editor import Editor
+    from s2edit.editing.request import InversionRequest
 
     reset_peak(args.device)
     device = torch.device(args.device)
-    sd = load_stable_diffusion(args.model, device=device, dtype=resolve_dtype("auto", device), seed=0)
+    sd = load_model(args.model, device=device, dtype=resolve_dtype("auto", device), seed=0)
     with torch.no_grad():
         sd.unet.conv_out.weight.mul_(0.1)
         sd.unet.conv_out.bias.mul_(0.1)
@@ -159,7 +144,7 @@ def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
     for method in ("null_text", "direct", "negative_prompt"):
         reset_peak(args.device)
         seconds, inversions[method] = timed(
-            lambda m=method: editor.invert(image, SOURCE, method=m, steps=steps, nti=NullTextSettings()),
+            lambda m=method: editor.invert(image, SOURCE, InversionRequest(m, steps)),
             args.device,
         )
         paper = PAPER_A100["null_text inversion"] if method == "null_text" else ""

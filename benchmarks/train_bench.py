@@ -45,11 +45,12 @@ def run_case(case: str, steps: int, warmup: int, rounds: int, device: str, threa
     import lightning as L
     import torch
 
-    import train
     from editkit.config import parse_config
-    from s2edit.config import CONFIG_DIR, TrainConfig
-    from s2edit.data import S2EditDataModule
-    from s2edit.module import S2EditModule
+    from s2edit.core.trainer import lightning_precision, make_trainer
+    from s2edit.training import run as train
+    from s2edit.training.config import TrainConfig
+    from s2edit.training.data import S2EditDataModule
+    from s2edit.training.module import S2EditModule
 
     if threads:
         torch.set_num_threads(threads)
@@ -58,14 +59,14 @@ def run_case(case: str, steps: int, warmup: int, rounds: int, device: str, threa
     argv = [f"model={model}", f"resolution={resolution}", f"finetune.method={method}", "image_log_every=0",
             f"image={ROOT / 'examples' / 'astronaut.png'}", f"max_steps={total}",
             f"accelerator={'gpu' if device.startswith('cuda') else 'cpu'}"]
-    config = parse_config(TrainConfig, argv, CONFIG_DIR / "train.yaml")
+    config = parse_config(TrainConfig, argv)
     pairs = train.check_inputs(config)
-    precision = train.lightning_precision(config.precision, config.accelerator)
-    L.seed_everything(0, verbose=False)
+    precision = lightning_precision(config.precision, device.startswith("cuda"))
+    torch.manual_seed(0)
     started = time.perf_counter()
     module = S2EditModule(config)
     build_s = time.perf_counter() - started
-    datamodule = S2EditDataModule(pairs, module.sd, module.token_ids, total, module.resolution)
+    datamodule = S2EditDataModule(pairs, module.model, module.token_ids, total, module.resolution)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
@@ -85,16 +86,15 @@ def run_case(case: str, steps: int, warmup: int, rounds: int, device: str, threa
 
     def lightning_loop() -> list[float]:
         timer = StepTimer()
-        trainer = L.Trainer(accelerator=config.accelerator, devices=1, precision=precision, max_steps=total,
-                            max_epochs=-1, gradient_clip_val=config.finetune.grad_clip, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[timer])
+        trainer = make_trainer(accelerator=config.accelerator, precision=precision, max_steps=total,
+                               grad_clip=config.finetune.grad_clip, callbacks=[timer], progress=False)
         trainer.fit(module, datamodule=datamodule)
         return [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])][warmup:]
 
     def plain_loop() -> list[float]:
         """The same step on the same module and (cached) batch, as a `for` loop."""
-        batch = {k: v.to(module.device) for k, v in next(iter(datamodule.train_dataloader())).items()}
+        batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in next(iter(datamodule.train_dataloader())).items()}
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=module.lr, weight_decay=module.weight_decay)
         autocast = torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")

@@ -107,10 +107,23 @@ def slug(text: str) -> str:
 # ----------------------------------------------------------------------------------------- inputs vs outputs
 
 
+def resolved(path: str | Path, key: str | None = None) -> Path:
+    """`path` with symlinks and relative parts resolved. A symlink loop (Python raises RuntimeError or
+    OSError ELOOP for it) is an InputError naming the path (and its key, when given)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as err:
+        if isinstance(err, OSError) and err.errno != errno.ELOOP:
+            raise
+        named = f"{key}='{path}'" if key else f"'{path}'"
+        raise InputError(f"{named} is a symbolic link that loops back on itself: point it at a real file or "
+                         "folder") from None
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one file: equal once symlinks and relative parts are resolved, or hard links."""
     a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
+    if resolved(a) == resolved(b):
         return True
     try:
         return os.path.samefile(a, b)
@@ -128,15 +141,18 @@ def refuse_overwriting_inputs(
     """InputError when a run would overwrite one of its `inputs` ({key: path}): when one of the `files` it
     writes is an input, or an input lies inside one of the `folders` it writes into or replaces."""
     given = {key: Path(value) for key, value in inputs.items() if value is not None}
+    resolved(out, out_key)
+    for key, value in given.items():  # a symlink loop among them is named as the input it is
+        resolved(value, key)
     for file in files:
         for key, value in given.items():
             if same_file(file, value):
                 raise InputError(f"{out_key}='{out}' would overwrite the input {key}='{value}': "
                                  f"choose another {out_key}=")
     for folder in folders:
-        resolved = Path(folder).resolve()
+        inside = resolved(folder)
         for key, value in given.items():
-            if value.resolve().is_relative_to(resolved):
+            if resolved(value).is_relative_to(inside):
                 raise InputError(f"the input {key}='{value}' lies in '{folder}', which {out_key}='{out}' "
                                  f"writes: move it or choose another {out_key}=")
 

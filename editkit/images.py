@@ -11,6 +11,7 @@ final name.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from editkit.errors import InputError
-from editkit.files import atomic_path
+from editkit.files import atomic_path, resolved
 
 MIN_SIDE = 64  # smaller images carry too little for an 8× VAE and 16×16 attention maps
 
@@ -29,6 +30,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must be refused, not
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # a dangling link, or a loop
+            resolved(path, "image")
+            target = os.readlink(path)
+            raise InputError(f"image '{path}' is a symbolic link to '{target}', which does not exist")
         raise InputError(f"image '{path}' does not exist")
     if path.is_dir():
         raise InputError(f"image '{path}' is a directory, not an image file")

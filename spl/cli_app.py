@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from editkit.config import parse_config, setting
+from editkit.config import parse_config, run_main, setting
 from editkit.errors import InputError
 from editkit.files import io_errors, refuse_overwriting_inputs
 from editkit.images import load_image, load_mask, resize_to, save_image
@@ -119,3 +119,8 @@ def main(argv: list[str]) -> None:
         out = save_image(refined.cpu(), cfg.out)
     print(f"report: spl {spl_before:.4g} -> {spl_after:.4g}{cpl} | {size[1]}x{size[0]}, {cfg.iterations} "
           f"iterations on {device.type}, {seconds:.1f} s | saved {out}")
+
+
+def cli() -> None:
+    """The `python -m spl` / `s2edit-spl` command."""
+    run_main(main)

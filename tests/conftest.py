@@ -1,4 +1,4 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and helpers."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2edit.export import ExportManifest, ExportToken, base_model_probe, write_export
-from s2edit.models import StableDiffusion, load_stable_diffusion
-from s2edit.tokenizer import add_placeholder_token
+from s2edit.core.attention import AttentionCall, AttentionController
+from s2edit.core.engine import StepState
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import load_model
+from s2edit.training.export import ExportManifest, ExportToken, base_model_probe, write_export
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
+CONFIG_DIR = ROOT / "configs"  # the documented defaults files (a test keeps them equal to the schemas)
 
 TokenSpec = tuple[str, str, str]  # (placeholder, prompt P̃ with it, initialiser word)
 
@@ -24,64 +27,94 @@ TokenSpec = tuple[str, str, str]  # (placeholder, prompt P̃ with it, initialise
 OUTPUT_DAMPING = 0.1
 
 
-@pytest.fixture(scope="session")
-def tame_tiny_model() -> Callable[[], StableDiffusion]:
-    """Factory: a fresh tiny model (seed 0) with its UNet output layer damped by OUTPUT_DAMPING."""
+def tolerance(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
+    """`torch.testing.assert_close` tolerances for results that went through DIFFERENT kernels (another
+    batch row or batch size, a fused vs explicit attention): a few units of the dtype's rounding,
+    relative to the values' `scale`. Bit-equality is only for the same computation repeated."""
+    eps = torch.finfo(dtype).eps
+    return {"atol": 64 * eps * scale, "rtol": 64 * eps}
 
-    def make() -> StableDiffusion:
-        sd = load_stable_diffusion("tiny", seed=0)
+
+class Recorder(AttentionController):
+    """Keeps a copy of the probabilities it sees, per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, tuple[torch.Tensor, AttentionCall]] = {}
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        self.seen[call.name] = (probs.detach().clone(), call)
+        return probs
+
+
+def record(attribute: str, into: list) -> Callable[[StepState], None]:
+    """A step callback that keeps a copy of `state.<attribute>` after every step."""
+
+    def callback(state: StepState) -> None:
+        into.append(getattr(state, attribute).clone())
+
+    return callback
+
+
+@pytest.fixture(scope="session")
+def tame_tiny_model() -> Callable[..., ModelFamily]:
+    """Factory: a fresh tiny model (seed 0; `name` another tiny preset) with its UNet output layer damped
+    by OUTPUT_DAMPING."""
+
+    def make(name: str = "tiny") -> ModelFamily:
+        model = load_model(name, seed=0)
         with torch.no_grad():
-            sd.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
-            sd.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
-        return sd
+            model.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
+            model.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
+        return model
 
     return make
 
 
 @pytest.fixture(scope="session")
-def tame_editor(tame_tiny_model):
+def editor(tame_tiny_model):
     """An Editor on the damped tiny model (no placeholders, no cache, no progress bars)."""
-    from s2edit.editing import Editor
+    from s2edit.editing.editor import Editor
 
     return Editor(tame_tiny_model(), weights="tiny-damped", progress=False)
 
 
 @pytest.fixture(scope="session")
-def chelsea_128(tame_editor) -> torch.Tensor:
+def image(editor) -> torch.Tensor:
     """examples/chelsea.png at 128² (the editing tests' working size), (1, 3, 128, 128) in [-1, 1]."""
-    return tame_editor.load_image(IMAGE, 128)
+    return editor.load_image(IMAGE, 128)
 
 
 @pytest.fixture(scope="session")
 def make_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """Factory: an export folder as train.py writes it, for a tiny model `sd` (no training needed).
+    """Factory: an export folder as train.py writes it, for a tiny model (no training needed).
 
-    `make_export(sd, tokens, masks, resolution=128)` adds each token of `tokens` to `sd` (initialised from
-    its word), writes the export with `masks[i]` as token i's object mask, and returns the folder. The
-    base probe is read before the tokens are added, so `sd` must be a freshly loaded base model (its
-    UNet output may be scaled: the full-weight export stores it).
+    `make_export(model, tokens, masks, resolution=128)` adds each token of `tokens` to `model`
+    (initialised from its word), writes the export with `masks[i]` as token i's object mask, and returns
+    the folder. The base probe is read before the tokens are added, so `model` must be a freshly loaded
+    base model (its UNet output may be scaled: the full-weight export stores it).
     """
 
     def make(
-        sd: StableDiffusion, tokens: Sequence[TokenSpec], masks: Sequence[torch.Tensor], resolution: int = 128
+        model: ModelFamily, tokens: Sequence[TokenSpec], masks: Sequence[torch.Tensor], resolution: int = 128
     ) -> Path:
-        probe = base_model_probe(sd)
+        probe = base_model_probe(model)
         sha = hashlib.sha256(IMAGE.read_bytes()).hexdigest()
         exported = []
         for placeholder, prompt, word in tokens:
-            token_id = add_placeholder_token(sd.tokenizer, sd.text_encoder, placeholder, word)
+            token_id = model.add_placeholder(placeholder, word)
             source_prompt = prompt.replace(f"{placeholder} ", "")
             exported.append(
                 ExportToken(placeholder, token_id, prompt, source_prompt, word, str(IMAGE), sha, "")
             )
         manifest = ExportManifest(
-            base_model="tiny",
+            base_model=model.source,
             method="full",
             resolution=resolution,
             tokens=exported,
             config={},
             base_probe=probe,
         )
-        return write_export(tmp_path_factory.mktemp("ckpt"), sd, manifest, masks)
+        return write_export(tmp_path_factory.mktemp("ckpt"), model, manifest, masks)
 
     return make

@@ -1,4 +1,4 @@
-"""The web app (s2edit/webapp.py, app.py) through its HTTP API, as `gradio_client` sees it: one app on
+"""The web app (s2edit/app/, app.py) through its HTTP API, as `gradio_client` sees it: one app on
 127.0.0.1 with the tiny model at 128², every edit checked against what infer.py writes and refuses.
 
 - an edit returns the images, tables and the report.json that `infer.py` would write, and the command
@@ -22,24 +22,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-import app as app_script
-import infer
-import train
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
-from s2edit.config import CONFIG_DIR, INVERSIONS, InferConfig, TrainConfig
-from s2edit.settings import MaskSettings, P2PSettings, SPLSettings, VirtualSettings
+from s2edit.app import run as app_script
+from s2edit.core.settings import MaskSettings, P2PSettings, SPLSettings, VirtualSettings
+from s2edit.editing import run as infer
+from s2edit.editing.config import InferConfig
+from s2edit.editing.request import INVERSIONS
+from s2edit.training import run as train
+from s2edit.training.config import TrainConfig
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import Status  # noqa: E402
 
-from s2edit import webapp  # noqa: E402
+from s2edit.app import binding, layout, ui  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CAT, COFFEE, ASTRONAUT = EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png", EXAMPLES / "astronaut.png"
 FAST = {"steps": 4, "iterations": 3}  # the edit's steps and SPL iterations: seconds on the CPU
@@ -57,16 +59,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> webapp.EditingApp:
-    settings = webapp.AppSettings(model="tiny", workdir=tmp_path_factory.mktemp("app"), resolution=128)
-    editing_app = webapp.EditingApp(settings)
+def app(tmp_path_factory: pytest.TempPathFactory) -> ui.EditingApp:
+    settings = ui.AppSettings(model="tiny", workdir=tmp_path_factory.mktemp("app"), resolution=128)
+    editing_app = ui.EditingApp(settings)
     editing_app.launch(port=free_port(), block=False)
     yield editing_app
     editing_app.blocks.close()
 
 
 @pytest.fixture(scope="module")
-def url(app: webapp.EditingApp) -> str:
+def url(app: ui.EditingApp) -> str:
     return app.blocks.local_url
 
 
@@ -145,7 +147,7 @@ def test_edit_returns_the_outputs_and_report_of_infer_py(app, url, tmp_path) -> 
     # through infer.py (its own model; a random preset's weights come from the seed), makes the same image
     command = report["command"]
     assert command[0] == "infer.py"
-    cfg = parse_config(InferConfig, command[1:], CONFIG_DIR / "infer.yaml")
+    cfg = parse_config(InferConfig, command[1:])
     assert dataclasses.asdict(cfg) == settings
     again = infer.run(dataclasses.replace(cfg, out=str(tmp_path / "cli")))
     assert again["metrics"]["targets"][0]["spl_loss_after"] == pytest.approx(spl_after, rel=1e-4)
@@ -159,7 +161,7 @@ def test_random_seed_is_drawn_and_shown(app, url) -> None:
     report = json.loads(Path(out["report"]).read_text())
     assert out["seed"] == report["seed"] == report["settings"]["seed"]
     assert f"seed **{report['seed']}**" in out["summary"]
-    assert 0 <= report["seed"] <= webapp.MAX_SEED
+    assert 0 <= report["seed"] <= layout.MAX_SEED
 
 
 def test_a_users_mistake_is_the_cli_line_without_traceback(app, url, tmp_path, capsys) -> None:
@@ -225,7 +227,7 @@ def test_two_users_edit_at_once_without_mixing(app, url) -> None:
 
     # Hold the model so that both requests are in the app at the same time (the queue lets two edits run
     # at once; the editor's lock makes their model runs take turns), then let them go.
-    lock = app.editors.default._lock
+    lock = app.editors.default.lock
     with lock:
         running = [submit(client, *job) for client, job in zip(users, jobs)]
         deadline = time.monotonic() + 60
@@ -300,7 +302,7 @@ def test_controls_carry_the_settings_defaults_and_the_spl_apps(app, url) -> None
         for p in Client(url, verbose=False).view_api(return_format="dict", print_info=False)[
             "named_endpoints"]["/edit"]["parameters"]
     }
-    assert list(parameters) == [f.name for f in dataclasses.fields(webapp.EditForm)]
+    assert list(parameters) == [f.name for f in dataclasses.fields(binding.EditForm)]
     bound = {
         "attention_schedule": VirtualSettings().cross_replace, "opt_schedule": SPLSettings().opt_schedule,
         "spl": SPLSettings().structure, "spl_area": SPLSettings().structure_area, "cpl": SPLSettings().color,
@@ -326,39 +328,39 @@ def test_controls_carry_the_settings_defaults_and_the_spl_apps(app, url) -> None
     assert not list((ROOT / "s2edit").glob("*.pyi"))
     # a control whose range goes beyond its field's is refused when the page is built
     with pytest.raises(InputError, match=r"SPLSettings\.opt_schedule"):
-        webapp.bound_slider(SPLSettings, "opt_schedule", "Optimization schedule", 0.0, 2.0, 0.1)
+        binding.bound_slider(SPLSettings, "opt_schedule", "Optimization schedule", 0.0, 2.0, 0.1)
 
 
 def test_shipped_examples_pass_infer_checks(app, tmp_path) -> None:
     defaults = {name: control.value for name, control in app.edit_controls.items()}
     columns = ["image", "source", "target", "method", "spl_area", "source_mask_words", "cpl", "p2p_mode",
                "reweight"]
-    for row in webapp.EDIT_EXAMPLES:
-        form = webapp.EditForm(**{**defaults, **dict(zip(columns, row)), "image": str(EXAMPLES / row[0])})
-        cfg = webapp.infer_config(form, model="tiny", ckpt=None, out=tmp_path, seed=0)
+    for row in layout.EDIT_EXAMPLES:
+        form = binding.EditForm(**{**defaults, **dict(zip(columns, row)), "image": str(EXAMPLES / row[0])})
+        cfg = binding.infer_config(form, model="tiny", ckpt=None, out=tmp_path, seed=0)
         plan = infer.check_inputs(cfg).plan  # refuses a bad example in one line
         assert list(plan.targets) == [row[2]] and Path(cfg.image).is_file()
 
-    for image, prompt, word in webapp.IDENTITY_EXAMPLES:
+    for image, prompt, word in layout.IDENTITY_EXAMPLES:
         train.check_inputs(TrainConfig(model="tiny", image=str(EXAMPLES / image), prompt=prompt, object=word,
                                        out=str(tmp_path / "train")))
 
 
 def test_form_maps_to_infer_arguments_that_parse_back_to_it(app, tmp_path) -> None:
     defaults = {name: control.value for name, control in app.edit_controls.items()}
-    form = webapp.EditForm(**{
+    form = binding.EditForm(**{
         **defaults, "image": str(CAT), "source": "a photo of a cat", "target": "a photo of a tiger",
         "method": "negative_prompt", "p2p_mode": "replace", "reweight": "tiger: 2, photo:0.5",
         "blend_source": "cat", "blend_target": "tiger", "cpl": True, "cpl_area": "masked",
         "target_mask_words": "tiger", "target_invert": True, "steps": 12, "guidance": 5.5,
     })
-    cfg = webapp.infer_config(form, model="tiny", ckpt=None, out=tmp_path, seed=3, resolution=128)
+    cfg = binding.infer_config(form, model="tiny", ckpt=None, out=tmp_path, seed=3, resolution=128)
     assert cfg.p2p.reweight == {"tiger": 2.0, "photo": 0.5} and cfg.p2p.blend_words == ["cat", "tiger"]
     assert cfg.mask.target_words == ["tiger"] and cfg.mask.source_words == []
     assert cfg.method == "p2p" and cfg.inversion == "negative_prompt" and cfg.virtual == VirtualSettings()
-    assert parse_config(InferConfig, webapp.cli_arguments(cfg), CONFIG_DIR / "infer.yaml") == cfg
+    assert parse_config(InferConfig, binding.cli_arguments(cfg)) == cfg
     with pytest.raises(InputError, match="word: factor"):
-        webapp.word_factors("tiger 2")
+        binding.word_factors("tiger 2")
 
 
 # ----------------------------------------------------------------------------------------- app.py

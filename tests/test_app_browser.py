@@ -24,8 +24,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from editkit.errors import InputError
-from s2edit import webapp
-from s2edit.tokenizer import clip_tokenizer, token_ids
+from s2edit.app import ui
+from s2edit.core.tokenizer import clip_tokenizer, token_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
@@ -55,10 +55,10 @@ def executable(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> webapp.EditingApp:
+def app(tmp_path_factory: pytest.TempPathFactory) -> ui.EditingApp:
     workdir = tmp_path_factory.mktemp("browser_app")
-    settings = webapp.AppSettings(model="tiny", workdir=workdir, resolution=128)
-    editing_app = webapp.EditingApp(settings)
+    settings = ui.AppSettings(model="tiny", workdir=workdir, resolution=128)
+    editing_app = ui.EditingApp(settings)
     editing_app.launch(port=free_port(), block=False)
     yield editing_app
     editing_app.blocks.close()

@@ -5,44 +5,32 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recorder
 
-from s2edit.attention import (
-    AttentionCall,
+from s2edit.core.attention import (
     AttentionController,
     AttentionProcessor,
     AttentionStore,
     ColumnMask,
     ControllerChain,
     SpatialControl,
-    controlled_attention,
-    cross_attention_layers,
     grid_size,
+    unet_attention_layers,
 )
-from s2edit.models import StableDiffusion, load_stable_diffusion
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import load_model
 
 
 @pytest.fixture(scope="module")
-def sd() -> StableDiffusion:
-    return load_stable_diffusion("tiny")
+def sd() -> ModelFamily:
+    return load_model("tiny")
 
 
-def _inputs(sd: StableDiffusion, batch: int = 2, size: tuple[int, int] = (16, 16)):
+def _inputs(sd: ModelFamily, batch: int = 2, size: tuple[int, int] = (16, 16)):
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(batch, sd.unet.config.in_channels, *size, generator=generator)
     prompts = ["a photo of a woman", "a photo of a cat"][:batch]
-    return latents, torch.tensor([500] * batch), sd.encode_prompt(prompts)
-
-
-class Recorder(AttentionController):
-    """Keeps a copy of the probabilities it sees, per layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, tuple[torch.Tensor, AttentionCall]] = {}
-
-    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        self.seen[call.name] = (probs.detach().clone(), call)
-        return probs
+    return latents, torch.tensor([500] * batch), sd.encode_prompt(prompts).context
 
 
 def test_grid_size_levels_and_non_square() -> None:
@@ -55,17 +43,17 @@ def test_grid_size_levels_and_non_square() -> None:
 
 
 @torch.no_grad()
-def test_identity_controller_reproduces_default_attention(sd: StableDiffusion) -> None:
+def test_identity_controller_reproduces_default_attention(sd: ModelFamily) -> None:
     latents, t, text = _inputs(sd)
     reference = sd.unet(latents, t, encoder_hidden_states=text).sample
-    with controlled_attention(sd.unet, AttentionController()):
+    with sd.attention_control(AttentionController()):
         controlled = sd.unet(latents, t, encoder_hidden_states=text).sample
     torch.testing.assert_close(controlled, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_processors_are_installed_selectively_and_restored(sd: StableDiffusion) -> None:
+def test_processors_are_installed_selectively_and_restored(sd: ModelFamily) -> None:
     original = dict(sd.unet.attn_processors)
-    with controlled_attention(sd.unet, AttentionController(), layers=cross_attention_layers):
+    with sd.attention_control(AttentionController(), cross_only=True):
         inside = sd.unet.attn_processors
         for name, processor in inside.items():
             assert isinstance(processor, AttentionProcessor) == name.endswith("attn2.processor")
@@ -73,14 +61,14 @@ def test_processors_are_installed_selectively_and_restored(sd: StableDiffusion) 
                 assert processor is original[name]
     assert all(sd.unet.attn_processors[n] is p for n, p in original.items())
 
-    with pytest.raises(RuntimeError, match="boom"), controlled_attention(sd.unet, AttentionController()):
+    with pytest.raises(RuntimeError, match="boom"), sd.attention_control(AttentionController()):
         raise RuntimeError("boom")
     assert all(sd.unet.attn_processors[n] is p for n, p in original.items())
     assert not sd.unet._forward_pre_hooks  # the latent-size hook is removed too
 
 
 @torch.no_grad()
-def test_spatial_control_masks_exactly_one_column(sd: StableDiffusion) -> None:
+def test_spatial_control_masks_exactly_one_column(sd: ModelFamily) -> None:
     latents, t, text = _inputs(sd, size=(16, 24))  # non-square latent
     mask = torch.zeros(64, 96)
     mask[8:40, 24:72] = 1.0
@@ -88,7 +76,7 @@ def test_spatial_control_masks_exactly_one_column(sd: StableDiffusion) -> None:
     token = 5
     before, after = Recorder(), Recorder()
     chain = ControllerChain([before, SpatialControl([ColumnMask(row=1, token=token, mask=mask)]), after])
-    with controlled_attention(sd.unet, chain, layers=cross_attention_layers):
+    with sd.attention_control(chain, cross_only=True):
         sd.unet(latents, t, encoder_hidden_states=text)
 
     assert len(after.seen) == sum(n.endswith("attn2.processor") for n in sd.unet.attn_processors)
@@ -106,13 +94,13 @@ def test_spatial_control_masks_exactly_one_column(sd: StableDiffusion) -> None:
 
 
 @torch.no_grad()
-def test_spatial_control_changes_the_output_and_can_renormalise(sd: StableDiffusion) -> None:
+def test_spatial_control_changes_the_output_and_can_renormalise(sd: ModelFamily) -> None:
     latents, t, text = _inputs(sd)
     reference = sd.unet(latents, t, encoder_hidden_states=text).sample
     mask = torch.zeros(16, 16)
     control = SpatialControl([ColumnMask(row=0, token=1, mask=mask)], renormalize=True)
     after = Recorder()
-    with controlled_attention(sd.unet, ControllerChain([control, after]), layers=cross_attention_layers):
+    with sd.attention_control(ControllerChain([control, after]), cross_only=True):
         edited = sd.unet(latents, t, encoder_hidden_states=text).sample
     assert not torch.allclose(edited[0], reference[0], atol=1e-4)  # the processor really acts
     torch.testing.assert_close(edited[1], reference[1], atol=1e-5, rtol=1e-5)
@@ -121,12 +109,12 @@ def test_spatial_control_changes_the_output_and_can_renormalise(sd: StableDiffus
 
 
 @torch.no_grad()
-def test_attention_store_levels_rows_and_steps(sd: StableDiffusion) -> None:
+def test_attention_store_levels_rows_and_steps(sd: ModelFamily) -> None:
     latents, t, text = _inputs(sd)
     batch = torch.cat([latents, latents])
     store = AttentionStore(levels=(4,))
     store.conditional_rows = slice(2, 4)  # CFG layout: [uncond, uncond, cond, cond]
-    with controlled_attention(sd.unet, store, layers=cross_attention_layers):
+    with sd.attention_control(store, cross_only=True):
         for step in range(3):
             store.step = step
             sd.unet(batch, torch.cat([t, t]), encoder_hidden_states=torch.cat([text, text]))
@@ -135,6 +123,7 @@ def test_attention_store_levels_rows_and_steps(sd: StableDiffusion) -> None:
     assert level4 and all(n.startswith(("down", "up")) for n in level4)
     maps = store.average(level=4)
     assert maps.shape == (2, 4, 4, text.shape[1])  # conditional rows only, 16/4 = 4
+    assert torch.equal(store.average(), maps)  # the default level is the store's (the model's mask level)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 4))  # head/layer means keep rows stochastic
     only_first = store.average(level=4, steps=[0])
     torch.testing.assert_close(only_first, maps, atol=1e-6, rtol=1e-5)  # same inputs every step
@@ -144,10 +133,10 @@ def test_attention_store_levels_rows_and_steps(sd: StableDiffusion) -> None:
     assert store.maps == {} and store.step == 0
 
 
-def test_store_keeps_the_graph_for_training_losses(sd: StableDiffusion) -> None:
+def test_store_keeps_the_graph_for_training_losses(sd: ModelFamily) -> None:
     latents, t, text = _inputs(sd)
     store = AttentionStore(levels=(4,), detach=False)
-    with controlled_attention(sd.unet, store, layers=cross_attention_layers):
+    with sd.attention_control(store, cross_only=True):
         sd.unet(latents, t, encoder_hidden_states=text)
     store.average(level=4)[..., 5].sum().backward()
     grads = [p.grad for n, p in sd.unet.named_parameters() if "attn2.to_q" in n and "up_blocks.1" in n]
@@ -156,8 +145,42 @@ def test_store_keeps_the_graph_for_training_losses(sd: StableDiffusion) -> None:
 
 
 def test_chain_shares_step_and_rows() -> None:
-    a, b = AttentionController(), AttentionStore()
+    a, b = AttentionController(), AttentionStore(levels=(4,))
     chain = ControllerChain([a, b])
     chain.step = 7
     chain.conditional_rows = slice(1, 2)
     assert a.step == b.step == 7 and b.rows(2) == range(1, 2)
+
+
+def test_the_family_names_every_layer_and_its_level(sd: ModelFamily) -> None:
+    layers = sd.attention_layers()
+    assert layers == unet_attention_layers(sd.unet) and set(layers) == set(sd.unet.attn_processors)
+    cross = {name for name, layer in layers.items() if layer.is_cross}
+    assert cross == {name for name in layers if name.endswith("attn2.processor")}
+    assert layers["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"].level == 1
+    assert layers["mid_block.attentions.0.transformer_blocks.0.attn1.processor"].level == 8
+    assert layers["up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"].level == 4
+    assert sd.mask_level == 4 and sd.self_replace_level == 2  # image/32 of a ×8 VAE; ≤ (latent/2)²
+
+
+@torch.no_grad()
+def test_spatial_control_addresses_conditional_rows_and_unconditional_columns(sd: ModelFamily) -> None:
+    """Under a CFG batch [uncond × 2, cond × 2], column row 1 is batch row 3; unconditional columns act on
+    rows 0 and 1; a column for every conditional row (row None) on rows 2 and 3."""
+    latents, t, text = _inputs(sd)
+    batch, times, context = torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([text, text])
+    mask = torch.zeros(16, 16)
+    cases = {  # controller → the batch rows whose column 4 is zeroed
+        "row 1": (SpatialControl([ColumnMask(1, 4, mask)]), {3}),
+        "every conditional row": (SpatialControl([ColumnMask(None, 4, mask)]), {2, 3}),
+        "unconditional": (SpatialControl(unconditional=[(4, mask)]), {0, 1}),
+    }
+    for name, (control, zeroed) in cases.items():
+        after = Recorder()
+        chain = ControllerChain([control, after])
+        chain.conditional_rows = slice(2, 4)
+        with sd.attention_control(chain, cross_only=True):
+            sd.unet(batch, times, encoder_hidden_states=context)
+        for probs, call in after.seen.values():
+            column = probs.view(4, call.heads, *probs.shape[1:])[..., 4]  # (rows, heads, Q)
+            assert {row for row in range(4) if not bool(column[row].any())} == zeroed, name

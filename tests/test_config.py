@@ -9,24 +9,33 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONFIG_DIR, ROOT
 
-from editkit.config import parse_config, run_main
+from editkit.config import explicit_keys, parse_config, run_main
 from editkit.errors import InputError
-from s2edit.config import CONFIG_DIR, InferConfig, TrainConfig
+from s2edit.core.settings import P2PSettings, VirtualSettings
+from s2edit.editing.config import InferConfig
+from s2edit.editing.request import EditRequest, choose_method
+from s2edit.evaluation.config import EvaluateConfig
+from s2edit.training.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN_YAML = CONFIG_DIR / "train.yaml"
 INFER_YAML = CONFIG_DIR / "infer.yaml"
+EVALUATE_YAML = CONFIG_DIR / "evaluate.yaml"
 
 
-@pytest.mark.parametrize(("schema", "path"), [(TrainConfig, TRAIN_YAML), (InferConfig, INFER_YAML)])
+@pytest.mark.parametrize(("schema", "path"), [(TrainConfig, TRAIN_YAML), (InferConfig, INFER_YAML),
+                                              (EvaluateConfig, EVALUATE_YAML)])
 def test_yaml_defaults_equal_schema_defaults(schema: type, path: Path) -> None:
+    """configs/*.yaml list every key with the schema's default (the scripts read no YAML by default:
+    copy one and pass config=…; a copy that keeps the defaults sets nothing)."""
     assert yaml.safe_load(path.read_text()) == dataclasses.asdict(schema())
-    assert parse_config(schema, [], path) == schema()
+    assert parse_config(schema, [f"config={path}"]) == schema()
+    assert explicit_keys(schema, [f"config={path}"]) == set()
 
 
 def test_spec_section7_defaults() -> None:
-    train = parse_config(TrainConfig, [], TRAIN_YAML)
+    train = parse_config(TrainConfig, [])
     assert train.model == "CompVis/stable-diffusion-v1-4"
     assert (train.finetune.lr, train.max_steps, train.semantic.weight) == (2e-6, 200, 0.1)
     assert (train.finetune.weight_decay, train.finetune.grad_clip, train.finetune.method) == (
@@ -42,7 +51,7 @@ def test_spec_section7_defaults() -> None:
     )
     assert train.seed == 0
 
-    infer = parse_config(InferConfig, [], INFER_YAML)
+    infer = parse_config(InferConfig, [])
     assert (infer.steps, infer.guidance, infer.inversion) == (50, 7.5, "null_text")
     assert (infer.nti.inner_steps, infer.nti.early_stop, infer.nti.early_stop_growth) == (10, 1e-5, 2e-5)
     assert (infer.p2p.cross_replace, infer.p2p.self_replace, infer.p2p.mode) == (0.8, 0.5, "refine")
@@ -51,7 +60,7 @@ def test_spec_section7_defaults() -> None:
     assert (virtual.steps, virtual.source_guidance, virtual.target_guidance) == (15, 1.0, 2.0)
     assert (virtual.cross_replace, virtual.self_replace, virtual.eta) == (0.8, 0.8, 1.0)
     assert (virtual.thresh_e, virtual.thresh_m) == (0.6, 0.6)
-    assert infer.method == "auto" and infer.resolved_method() == "virtual"
+    assert infer.method == "auto" and choose_method(infer, set(), infer.default_method) == "virtual"
     spl = infer.spl
     assert (spl.structure, spl.color, spl.structure_weight, spl.color_weight) == (True, False, 1e4, 1e3)
     assert (spl.iterations, spl.opt_schedule, spl.postprocess, spl.radius, spl.eps) == (
@@ -87,7 +96,6 @@ def test_overrides_are_typed_by_the_schema() -> None:
             "nti.lr=0.02",
             "ckpt=null",
         ],
-        INFER_YAML,
     )
     assert cfg.target == ["a photo of a [I] woman with bangs", "a [I] man"]
     assert cfg.steps == 20 and isinstance(cfg.steps, int)
@@ -106,7 +114,7 @@ def test_overrides_are_typed_by_the_schema() -> None:
 
 def test_config_file_then_overrides(tmp_path: Path) -> None:
     (tmp_path / "mine.yaml").write_text("steps: 30\nspl:\n  iterations: 7\np2p:\n  reweight: {a: 0.5}\n")
-    cfg = parse_config(InferConfig, [f"config={tmp_path / 'mine.yaml'}", "steps=40"], INFER_YAML)
+    cfg = parse_config(InferConfig, [f"config={tmp_path / 'mine.yaml'}", "steps=40"])
     assert (cfg.steps, cfg.spl.iterations, cfg.p2p.reweight) == (40, 7, {"a": 0.5})
 
 
@@ -130,7 +138,7 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
 )
 def test_bad_overrides_fail_in_one_line(argv: list[str], message: str) -> None:
     with pytest.raises(InputError) as err:
-        parse_config(InferConfig, argv, INFER_YAML, prog="infer.py")
+        parse_config(InferConfig, argv, prog="infer.py")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -138,12 +146,12 @@ def test_bad_overrides_fail_in_one_line(argv: list[str], message: str) -> None:
 def test_bad_key_in_a_config_file(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("spl:\n  iteratons: 3\n")
     with pytest.raises(InputError, match=r"did you mean 'spl\.iterations'"):
-        parse_config(InferConfig, [f"config={tmp_path / 'bad.yaml'}"], INFER_YAML)
+        parse_config(InferConfig, [f"config={tmp_path / 'bad.yaml'}"])
 
 
 def test_help_lists_every_key_with_default(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(TrainConfig, ["--help"], TRAIN_YAML, prog="train.py")
+        parse_config(TrainConfig, ["--help"], prog="train.py")
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for key in [
@@ -161,7 +169,7 @@ def test_help_lists_every_key_with_default(capsys: pytest.CaptureFixture[str]) -
 
 def test_run_main_turns_input_errors_into_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     def main(argv: list[str]) -> None:
-        parse_config(InferConfig, argv, INFER_YAML)
+        parse_config(InferConfig, argv)
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(main, ["stpes=3"])
@@ -178,3 +186,46 @@ def test_scripts_help_and_bad_key(script: str) -> None:
     bad = subprocess.run([sys.executable, script, "modell=tiny"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: unknown config key 'modell'; did you mean 'model'?"
+
+
+def test_explicit_keys_are_the_command_line_and_a_files_changed_values(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("steps: 50\nvirtual:\n  steps: 4\nspl:\n  iterations: 100\n")
+    given = explicit_keys(InferConfig, [f"config={tmp_path / 'mine.yaml'}", "inversion=null_text", "+seed=3"])
+    assert given == {"inversion", "seed", "virtual.steps"}  # steps and spl.iterations keep their defaults
+
+
+@pytest.mark.parametrize(("argv", "ckpt", "method"), [
+    ([], False, "virtual"),  # training-free: the SPL authors' editor
+    ([], True, "p2p"),  # an S2Edit checkpoint: the paper's editor
+    (["inversion=null_text"], False, "p2p"),  # a p2p setting picks p2p, even at its default value
+    (["nti.inner_steps=3", "steps=20"], False, "p2p"),
+    (["virtual.steps=4"], True, "virtual"),  # a virtual setting picks virtual, even with a checkpoint
+    (["spl.iterations=3", "mask.source_words=[cat]", "spatial_control=false"], True, "p2p"),  # shared keys
+    (["method=p2p", "p2p.mode=replace"], False, "p2p"),
+])
+def test_auto_picks_the_method_whose_settings_are_given(argv: list[str], ckpt: bool, method: str) -> None:
+    cfg = parse_config(InferConfig, [*argv, *(["ckpt=some/export"] if ckpt else [])])
+    assert choose_method(cfg, explicit_keys(InferConfig, argv), cfg.default_method) == method
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["method=virtual", "inversion=direct"],
+     "inversion='direct' is a setting of method=p2p, which this edit does not use (method=virtual)"),
+    (["method=virtual", "steps=20"], "steps=20 is a setting of method=p2p"),
+    (["method=p2p", "virtual.steps=4"], "virtual.steps=4 is a setting of method=virtual"),
+    (["inversion=direct", "virtual.eta=0.5"],
+     "settings of several methods are given (p2p: inversion; virtual: virtual.eta)"),
+])
+def test_a_setting_the_chosen_method_ignores_is_refused(argv: list[str], message: str) -> None:
+    cfg = parse_config(InferConfig, argv)
+    with pytest.raises(InputError) as err:
+        choose_method(cfg, explicit_keys(InferConfig, argv), cfg.default_method)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_python_api_chooses_and_refuses_by_the_changed_settings() -> None:
+    assert choose_method(EditRequest()) == "virtual"
+    assert choose_method(EditRequest(p2p=P2PSettings(mode="replace"))) == "p2p"
+    assert choose_method(EditRequest(virtual=VirtualSettings(steps=4)), default="p2p") == "virtual"
+    with pytest.raises(InputError, match=r"virtual\.steps=4 is a setting of method=virtual"):
+        choose_method(EditRequest(method="p2p", virtual=VirtualSettings(steps=4)))

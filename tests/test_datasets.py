@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from editkit.errors import InputError
-from s2edit.datasets import (
+from s2edit.evaluation.datasets import (
     PIE_MASK_SIZE,
     EditItem,
     decode_pie_mask,

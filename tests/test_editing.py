@@ -10,13 +10,14 @@ import torch
 
 from editkit.errors import InputError
 from editkit.images import load_image
-from s2edit.editing import Editor
-from s2edit.engine import StepState
-from s2edit.inversion import reconstruct
-from s2edit.maps import map_words
-from s2edit.plan import Placeholder
-from s2edit.settings import MaskSettings, NullTextSettings, P2PSettings, SPLSettings
-from s2edit.tokenizer import add_placeholder_token
+from s2edit.core.attention import ColumnMask, SpatialControl
+from s2edit.core.engine import StepState
+from s2edit.core.settings import MaskSettings, NullTextSettings, P2PSettings, SPLSettings
+from s2edit.editing.editor import Editor
+from s2edit.editing.inversion import Inversion, reconstruct
+from s2edit.editing.maps import map_words
+from s2edit.editing.plan import Placeholder
+from s2edit.editing.request import EditRequest, InversionRequest
 
 IMAGE = "examples/chelsea.png"
 SOURCE = "a photo of a cat"
@@ -25,31 +26,32 @@ STEPS = 10
 NO_SPL = SPLSettings(structure=False, postprocess=False)
 
 
-@pytest.fixture(scope="module")
-def editor(tame_editor) -> Editor:
-    """The tiny model, UNet output damped (conftest.py: well-conditioned DDIM trajectories)."""
-    return tame_editor
-
-
-@pytest.fixture(scope="module")
-def image(chelsea_128) -> torch.Tensor:
-    return chelsea_128
+# `editor` (the tiny model, UNet output damped: well-conditioned DDIM trajectories) and `image`
+# (chelsea.png at 128²) are conftest.py's.
 
 
 @pytest.fixture(scope="module")
 def inversion(editor, image):
     nti = NullTextSettings(inner_steps=2, lr=0.1)
-    return editor.invert(image, SOURCE, method="null_text", steps=STEPS, nti=nti)
+    return editor.invert(image, SOURCE, InversionRequest("null_text", STEPS, nti=nti))
 
 
 @pytest.fixture(scope="module")
 def direct(editor, image):
-    return editor.invert(image, SOURCE, method="direct", steps=STEPS)
+    return editor.invert(image, SOURCE, InversionRequest("direct", STEPS))
 
 
 @pytest.fixture(scope="module")
 def reconstruction(editor, inversion) -> torch.Tensor:
-    return reconstruct(editor.sd, inversion).cpu()
+    return reconstruct(editor.model, inversion).cpu()
+
+
+def inversion_control(editor: Editor, inversion: Inversion) -> SpatialControl:
+    """The spatial control an inversion ran with, as the edit's source branch applies it (its prompt's
+    placeholders on the conditional row; on the unconditional row too when ∅ is the prompt)."""
+    masks = editor.placeholder_masks(inversion.prompt)
+    return SpatialControl([ColumnMask(None, token, mask) for token, mask in masks],
+                          unconditional=masks if inversion.null_is_prompt else ())
 
 
 # ----------------------------------------------------------------------------------------- P2P invariants
@@ -80,6 +82,7 @@ def test_a_word_swap_leaves_the_source_branch_unchanged(editor, inversion, recon
 
 def test_local_blend_with_an_empty_mask_keeps_the_source(editor, inversion) -> None:
     # threshold 1: no normalised map value exceeds it, the blend mask is empty, every target := source
+    # (z_s + 0·(z_t − z_s) is z_s exactly: bit-equality is the arithmetic's, not two kernels')
     result = editor.edit(
         inversion, ["a photo of a dog"], p2p=P2PSettings(blend_words=["cat", "dog"], blend_threshold=1.0),
         spl=NO_SPL,
@@ -100,7 +103,7 @@ def test_the_store_sees_the_maps_before_the_injection(editor, inversion) -> None
 def test_several_targets_on_a_non_square_image(editor) -> None:
     wide = load_image(IMAGE, RESOLUTION)[..., :128, :]  # 128 x 128 → crop below keeps 64-multiples
     wide = torch.cat([wide, wide.flip(-1)], dim=-1)[..., :, :192]  # (1, 3, 128, 192)
-    inversion = editor.invert(wide, SOURCE, method="negative_prompt", steps=4)
+    inversion = editor.invert(wide, SOURCE, InversionRequest("negative_prompt", 4))
     targets = ["a photo of a dog", "a photo of a fluffy cat"]
     result = editor.edit(
         inversion, targets, spl=SPLSettings(iterations=2, opt_schedule=0.5, structure_area="masked"),
@@ -203,7 +206,7 @@ def test_direct_inversion_keeps_the_source_branch_exact_and_leaves_targets_alone
 
 def test_direct_inversion_edits_with_spatial_control_and_spl(identity_editor, image) -> None:
     prompt = "a photo of a [I] cat"
-    inversion = identity_editor.invert(image, prompt, method="direct", steps=4)
+    inversion = identity_editor.invert(image, prompt, InversionRequest("direct", 4))
     spl = SPLSettings(iterations=5, opt_schedule=0.5)
     controlled = identity_editor.edit(inversion, ["a photo of a [I] cat with a hat"], spl=spl)
     free = identity_editor.edit(
@@ -228,7 +231,7 @@ def test_a_step_callback_can_replace_the_latents(editor, inversion) -> None:
 
     result = editor.edit(inversion, ["a photo of a dog"], spl=NO_SPL, callback=freeze_target)
     assert steps == list(range(STEPS))
-    assert torch.equal(result.latents[1], result.latents[0])
+    assert torch.equal(result.latents[1], result.latents[0])  # the callback's assignment, exactly
     with pytest.raises(ValueError, match="may return 'latents' and 'x0'"):
         editor.edit(inversion, ["a photo of a dog"], spl=NO_SPL, callback=lambda state: {"noise": 0})
 
@@ -239,7 +242,7 @@ def test_a_step_callback_can_replace_the_latents(editor, inversion) -> None:
 @pytest.fixture(scope="module")
 def identity_editor(tame_tiny_model) -> Editor:
     sd = tame_tiny_model()
-    add_placeholder_token(sd.tokenizer, sd.text_encoder, "[I]", "cat")
+    sd.add_placeholder("[I]", "cat")
     mask = torch.zeros(RESOLUTION, RESOLUTION)
     mask[32:96, 32:96] = 1.0
     return Editor(sd, [Placeholder("[I]", mask, "a photo of a [I] cat")], weights="tiny-[I]", progress=False)
@@ -247,7 +250,7 @@ def identity_editor(tame_tiny_model) -> Editor:
 
 def test_spatial_control_of_the_placeholder_is_active(identity_editor, image) -> None:
     prompt = "a photo of a [I] cat"
-    inversion = identity_editor.invert(image, prompt, method="negative_prompt", steps=4)
+    inversion = identity_editor.invert(image, prompt, InversionRequest("negative_prompt", 4))
     controlled = identity_editor.edit(inversion, ["a photo of a [I] cat with a hat"], spl=NO_SPL)
     free = identity_editor.edit(
         inversion, ["a photo of a [I] cat with a hat"], spatial_control=False, spl=NO_SPL
@@ -256,7 +259,7 @@ def test_spatial_control_of_the_placeholder_is_active(identity_editor, image) ->
     # the inversion ran with the same control: the source branch still retraces it
     assert torch.allclose(
         controlled.latents[0:1],
-        reconstruct(identity_editor.sd, inversion, identity_editor.placeholder_masks(prompt)).cpu(),
+        reconstruct(identity_editor.model, inversion, inversion_control(identity_editor, inversion)).cpu(),
         atol=1e-4,
     )
 
@@ -266,17 +269,17 @@ def test_refusals_name_the_bad_value(identity_editor, editor) -> None:
     with pytest.raises(InputError, match=r"does not contain the placeholder \[I\]"):
         identity_editor.plan(source, ["a photo of a dog"])
     with pytest.raises(InputError, match=r"mask\.source_words word 'dog'"):
-        editor.plan(SOURCE, ["a photo of a dog"], masks=MaskSettings(source_words=["dog"]))
+        editor.plan(SOURCE, ["a photo of a dog"], EditRequest(mask=MaskSettings(source_words=["dog"])))
     with pytest.raises(InputError, match=r"mask\.target_words word 'cat'"):
-        editor.plan(SOURCE, ["a photo of a dog"], masks=MaskSettings(target_words=["cat"]))
+        editor.plan(SOURCE, ["a photo of a dog"], EditRequest(mask=MaskSettings(target_words=["cat"])))
     with pytest.raises(InputError, match="blend word 'tiger'"):
-        editor.plan(SOURCE, ["a photo of a dog"], p2p=P2PSettings(blend_words=["tiger"]))
+        editor.plan(SOURCE, ["a photo of a dog"], EditRequest(p2p=P2PSettings(blend_words=["tiger"])))
     with pytest.raises(InputError, match="use mode=refine"):
-        editor.plan(SOURCE, ["a photo of a fluffy dog"], p2p=P2PSettings(mode="replace"))
+        editor.plan(SOURCE, ["a photo of a fluffy dog"], EditRequest(p2p=P2PSettings(mode="replace")))
     with pytest.raises(InputError, match="tokens long"):
         editor.plan(SOURCE, ["a photo of a cat" + " and a dog" * 30])
     with pytest.raises(InputError, match="area=masked needs mask words"):
-        editor.plan(SOURCE, ["a photo of a dog"], spl=SPLSettings(structure_area="masked"))
+        editor.plan(SOURCE, ["a photo of a dog"], EditRequest(spl=SPLSettings(structure_area="masked")))
     with pytest.raises(InputError, match=r"SPLSettings\.opt_schedule=1\.5 must be >= 0, <= 1"):
         SPLSettings(opt_schedule=1.5)
     with pytest.raises(InputError, match="targets='a photo of a dog' must be a list"):
@@ -308,7 +311,7 @@ def test_compositional_edit_controls_only_the_source_placeholder(compositional_e
     assert [p.text for p in editor.placeholders] == ["[I]", "[A]"]
     image = editor.load_image(IMAGE)
     source, target = "a photo of a [I] cat", "a photo of a [I] cat with [A] stripes"
-    inversion = editor.invert(image, source, method="negative_prompt", steps=4)
+    inversion = editor.invert(image, source, InversionRequest("negative_prompt", 4))
     result = editor.edit(inversion, [target], spl=NO_SPL)
     assert (result.latents[1] - result.latents[0]).abs().max() > 1e-3
     assert set(result.attention_maps[1]) >= {"[I]", "[A]", "stripes"}
@@ -316,7 +319,7 @@ def test_compositional_edit_controls_only_the_source_placeholder(compositional_e
     def variant(index: int, mask: torch.Tensor) -> Editor:
         placeholders = list(editor.placeholders)
         placeholders[index] = replace(placeholders[index], mask=mask)
-        return Editor(editor.sd, placeholders, weights=editor.weights, progress=False)
+        return Editor(editor.model, placeholders, weights=editor.weights, progress=False)
 
     # [A]'s mask belongs to its reference image: whatever it is, this edit does not use it ...
     other_attribute = variant(1, torch.ones(RESOLUTION, RESOLUTION)).edit(inversion, [target], spl=NO_SPL)

@@ -26,34 +26,33 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import ROOT
 from PIL import Image
 
-import evaluate
 from editkit.config import parse_config, run_main
 from editkit.images import load_image
-from s2edit.config import CONFIG_DIR
-from s2edit.datasets import EditItem, read_dataset
-from s2edit.evaluation import (
+from s2edit.evaluation import run as evaluate
+from s2edit.evaluation.config import EvaluateConfig
+from s2edit.evaluation.datasets import EditItem, read_dataset
+from s2edit.evaluation.items import (
     DONE,
     ITEM_ERROR,
     EvaluationDataModule,
-    ItemOutput,
     check_item_folders,
-    collect_items,
     item_folder,
     item_seed,
     mask_to_working_size,
     shard,
     tuned_prompts,
     with_placeholder,
-    write_item,
 )
-from s2edit.evaluation_config import EvaluateConfig
+from s2edit.evaluation.report import collect_items
+from s2edit.evaluation.runner import ItemOutput, write_item
 
-ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "examples" / "dataset.jsonl"  # 4 items, 5 edits, one edit mask, edit types 1, 2, 4, 8
 PIE_MINI = ROOT / "examples" / "pie_bench_mini"
-FAST = ["model=tiny", "resolution=128", "virtual.steps=3", "spl.iterations=3", "progress=false"]
+BASE = ["model=tiny", "resolution=128", "spl.iterations=3", "progress=false"]
+FAST = [*BASE, "virtual.steps=3"]  # the virtual method (a p2p setting beside it would be refused)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 START_TIMEOUT_S = 300
 
@@ -313,7 +312,7 @@ def test_compare_makes_one_table_and_one_plot(resumed_run: dict, tmp_path: Path)
 
 
 def test_per_item_finetuning_resets_the_weights_between_items(tmp_path: Path) -> None:
-    args = [f"data={PIE_MINI}", *FAST, "finetune=true", "tune.steps=2", "inversion=direct", "steps=3"]
+    args = [f"data={PIE_MINI}", *BASE, "finetune=true", "tune.steps=2", "inversion=direct", "steps=3"]
     code, stderr = evaluate_in_process([*args, "save_attention=true", f"out={tmp_path / 'both'}"])
     assert code == 0, stderr
     both = tmp_path / "both" / "items"
@@ -337,13 +336,12 @@ def test_per_item_finetuning_resets_the_weights_between_items(tmp_path: Path) ->
 
 def test_a_failing_item_is_recorded_when_asked_and_raised_otherwise(tmp_path: Path) -> None:
     from editkit.errors import InputError
-    from s2edit.evaluation import EvaluationModule
+    from s2edit.evaluation.runner import EvaluationModule
 
     item = EditItem("gone", tmp_path / "deleted.png", "a photo of a cat", ("a photo of a dog",))
     for keep_going in (True, False):
-        config = parse_config(EvaluateConfig, [*FAST, f"continue_on_error={keep_going}"],
-                              CONFIG_DIR / "evaluate.yaml")
-        module = EvaluationModule(config)
+        config = parse_config(EvaluateConfig, [*FAST, f"continue_on_error={keep_going}"])
+        module = EvaluationModule(config, "virtual")
         module.setup("predict")
         if keep_going:
             output = module.predict_step(item, 0)
@@ -384,17 +382,14 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(tmp_path: Path, reco
     assert not out.exists()
 
 
-def test_config_yaml_defaults_equal_the_schema() -> None:
-    import dataclasses
+def test_the_methods_default_and_the_edit_requests_defaults() -> None:
+    from s2edit.editing.request import choose_method
 
-    import yaml
-
-    path = CONFIG_DIR / "evaluate.yaml"
-    assert yaml.safe_load(path.read_text()) == dataclasses.asdict(EvaluateConfig())
-    config = parse_config(EvaluateConfig, [], path)
-    assert config == EvaluateConfig()
-    assert config.resolved_method() == "virtual"
-    assert parse_config(EvaluateConfig, ["finetune=true"], path).resolved_method() == "p2p"
+    config = parse_config(EvaluateConfig, [])
+    assert choose_method(config, set(), config.default_method) == "virtual"
+    tuned = parse_config(EvaluateConfig, ["finetune=true"])
+    assert choose_method(tuned, set(), tuned.default_method) == "p2p"
+    assert choose_method(config, {"inversion"}, config.default_method) == "p2p"  # as infer.py's auto
     assert (config.spl.structure_weight, config.virtual.steps, config.steps) == (1e4, 15, 50)  # SPEC §7
 
 

@@ -10,27 +10,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from safetensors import SafetensorError
 from skimage import data as skdata
 
-import s2edit.export
+import s2edit.training.export
 from editkit.config import parse_config
 from editkit.errors import InputError
 from editkit.files import describe_io_error, file_sha256
 from editkit.images import load_mask
-from s2edit.config import CONFIG_DIR, TrainConfig
-from s2edit.data import S2EditDataModule
-from s2edit.export import EMBEDDINGS, MANIFEST, load_export, read_manifest, recover_export, write_export
-from s2edit.models import random_stable_diffusion
-from s2edit.module import S2EditModule
-from s2edit.pairs import TrainingPair
+from s2edit.core.loading import random_model
+from s2edit.training.config import TrainConfig
+from s2edit.training.export import (
+    EMBEDDINGS,
+    MANIFEST,
+    load_export,
+    read_manifest,
+    recover_export,
+    write_export,
+)
+from s2edit.training.module import S2EditModule
+from s2edit.training.pairs import TrainingPair
+from s2edit.training.run import fit
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128
 
 
@@ -39,13 +45,9 @@ def _train_and_export(root: Path, method: str) -> tuple[S2EditModule, Path]:
     Image.fromarray(skdata.astronaut()[:SIZE, SIZE : 2 * SIZE]).save(image)
     argv = [f"image={image}", "model=tiny", f"resolution={SIZE}", f"out={root / 'run'}",
             f"finetune.method={method}", "finetune.lr=1e-3", "max_steps=1"]
-    config = parse_config(TrainConfig, argv, CONFIG_DIR / "train.yaml")
-    module = S2EditModule(config)
+    config = parse_config(TrainConfig, argv)
     pair = TrainingPair(str(image), config.prompt, config.placeholder, config.object)
-    datamodule = S2EditDataModule([pair], module.sd, module.token_ids, 1, SIZE)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=datamodule)
+    module, datamodule = fit(config, [pair], progress=False)
     return module, module.export(root / "run", datamodule.prepared)
 
 
@@ -114,7 +116,7 @@ def test_lora_export_loads_back_exactly(lora: tuple[S2EditModule, Path]) -> None
         sd.text_encoder.get_input_embeddings().weight[token_id],
         module.text_encoder.get_input_embeddings().weight[token_id].detach(),
     )
-    ids = sd.tokenize(["a photo of a [I] woman"])
+    ids = sd.tokenize(["a photo of a [I] woman"])  # the family's first tokenizer, padded
     with torch.no_grad():
         torch.testing.assert_close(sd.text_encoder(ids)[0], module.text_encoder(ids)[0])
 
@@ -130,7 +132,7 @@ def test_reexport_replaces_the_folder_atomically(full: tuple[S2EditModule, Path]
     shutil.copytree(export, out / "export")
     (out / "export" / "stale.txt").write_text("from an older export")
     with pytest.raises(ValueError):  # no mask for the token: the write fails after the weights
-        write_export(out, module.sd, read_manifest(export), masks=[])
+        write_export(out, module.model, read_manifest(export), masks=[])
     assert (out / "export" / "stale.txt").is_file()  # the old export is untouched
     assert not list(out.glob(".export.*"))
     module.export(out, module.trainer.datamodule.prepared)
@@ -192,7 +194,7 @@ def test_manifest_mismatches_are_refused(copy: Path) -> None:
 
 
 def test_a_different_base_model_is_refused(copy: Path, tmp_path: Path) -> None:
-    other = random_stable_diffusion("tiny", seed=1)  # same architecture, other weights
+    other = random_model("tiny", seed=1)  # same architecture, other weights
     folder = tmp_path / "other-base"
     other.unet.save_pretrained(folder / "unet")
     other.vae.save_pretrained(folder / "vae")
@@ -230,7 +232,7 @@ def test_mask_png_is_the_latent_mask_at_image_size(full: tuple[S2EditModule, Pat
 KILL_BETWEEN_RENAMES = """
 import os, sys
 from pathlib import Path
-from s2edit.export import load_export, write_export
+from s2edit.training.export import load_export, write_export
 
 out = Path(sys.argv[1])
 sd, manifest = load_export(out / "export")
@@ -321,7 +323,7 @@ def test_a_full_disk_while_exporting_keeps_the_old_export(
     out = tmp_path / "run"
     shutil.copytree(export, out / "export")
     before = {p.relative_to(out): file_sha256(p) for p in out.rglob("*") if p.is_file()}
-    real_save = s2edit.export.save_file
+    real_save = s2edit.training.export.save_file
 
     def save_file(tensors: dict, path: str) -> None:
         if Path(path).name == "text_encoder.safetensors":  # the second weight file: the disk is full
@@ -329,7 +331,7 @@ def test_a_full_disk_while_exporting_keeps_the_old_export(
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, path)
 
-    monkeypatch.setattr(s2edit.export, "save_file", save_file)
+    monkeypatch.setattr(s2edit.training.export, "save_file", save_file)
     with pytest.raises(OSError) as caught:
         module.export(out, module.trainer.datamodule.prepared)
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out / "export")
@@ -362,7 +364,7 @@ def _dead_pid() -> int:
 
 
 def test_a_corrupt_mask_is_refused_when_the_editor_loads_the_export(copy: Path) -> None:
-    from s2edit.editing import Editor
+    from s2edit.editing.editor import Editor
 
     mask = next(copy.glob("mask_*.png"))
     mask.write_bytes(b"not a png at all")

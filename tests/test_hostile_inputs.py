@@ -25,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from skimage import data as skdata
 
-import infer
-import train
 from editkit.config import format_help, parse_config, run_main
 from editkit.errors import InputError
 from editkit.files import LOCK_FILE, OutputLock, file_sha256
-from s2edit.config import CONFIG_DIR, MAX_RESOLUTION, InferConfig
-from s2edit.models import load_stable_diffusion
-from s2edit.settings import NullTextSettings, P2PSettings, SPLSettings
+from s2edit.core.loading import load_model
+from s2edit.core.settings import MAX_RESOLUTION, NullTextSettings, P2PSettings, SPLSettings
+from s2edit.editing import run as infer
+from s2edit.editing.config import InferConfig
+from s2edit.editing.request import EditRequest, InversionRequest
+from s2edit.training import run as train
 from spl import cli_app
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"train": train.main, "infer": infer.main, "spl": cli_app.main}
 # what every row of a script passes besides its own arguments (placeholders filled per row)
 BASE = {
@@ -73,7 +74,7 @@ def ckpt(make_export: Callable[..., Path]) -> Path:
     mask = torch.zeros(128, 128)
     mask[24:104, 16:112] = 1.0
     tokens = [("[I]", "a photo of a [I] cat", "cat")]
-    return make_export(load_stable_diffusion("tiny", seed=0), tokens, [mask])
+    return make_export(load_model("tiny", seed=0), tokens, [mask])
 
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
@@ -167,6 +168,13 @@ def _link(target: str, name: str) -> Callable[[Path, dict[str, Path]], None]:
     return make
 
 
+def _loop(name: str) -> Callable[[Path, dict[str, Path]], None]:
+    """A symbolic link that points at itself (every lookup of it fails with ELOOP)."""
+    def make(tmp: Path, paths: dict[str, Path]) -> None:
+        (tmp / name).symlink_to(tmp / name)
+    return make
+
+
 def _hard_link(tmp: Path, paths: dict[str, Path]) -> None:
     shutil.copy(paths["photo"], tmp / "photo.png")
     os.link(tmp / "photo.png", tmp / "same.png")
@@ -243,6 +251,23 @@ ROWS = [
      _file("edit/masks/m.png"), ()),
     ("infer-out-in-ckpt", "infer", ["ckpt={ckpt}", "target=a photo of a [I] dog", "out={ckpt}/edits"],
      "lies in the checkpoint folder", None, ()),
+    # 2. paths that are symlink loops, or links to nothing
+    ("train-image-symlink-loop", "train", ["image={tmp}/loop.png"],
+     "image='{tmp}/loop.png' is a symbolic link that loops back on itself", _loop("loop.png"), ()),
+    ("train-out-symlink-loop", "train", ["out={tmp}/loop"],
+     "out='{tmp}/loop' is a symbolic link that loops back on itself", _loop("loop"), ()),
+    ("infer-image-symlink-loop", "infer", ["image={tmp}/loop.png"],
+     "image='{tmp}/loop.png' is a symbolic link that loops back on itself", _loop("loop.png"), ()),
+    ("infer-ckpt-symlink-loop", "infer", ["ckpt={tmp}/loop", "target=a photo of a [I] dog"],
+     "'{tmp}/loop' is a symbolic link that loops back on itself", _loop("loop"), ()),
+    ("infer-image-dangling-link", "infer", ["image={tmp}/gone.png"],
+     "image '{tmp}/gone.png' is a symbolic link to '{tmp}/nowhere.png', which does not exist",
+     lambda tmp, paths: (tmp / "gone.png").symlink_to(tmp / "nowhere.png"), ()),
+    ("spl-source-symlink-loop", "spl", ["source={tmp}/loop.png"],
+     "source='{tmp}/loop.png' is a symbolic link that loops back on itself", _loop("loop.png"), ()),
+    # the method's settings: a setting of a method the edit does not use
+    ("infer-setting-of-another-method", "infer", ["method=virtual"],
+     "steps=2 is a setting of method=p2p, which this edit does not use (method=virtual)", None, ()),
     # 3. numbers out of range, refused at parse time
     ("infer-guidance-nan", "infer", ["guidance=nan"], "guidance=nan must be a finite number", None, ()),
     ("infer-guidance-inf", "infer", ["guidance=inf"], "guidance=inf must be a finite number", None, ()),
@@ -387,14 +412,13 @@ def test_prompts_beginning_with_a_bracket_are_one_literal_prompt(inputs: dict[st
                                                                  tmp_path: Path) -> None:
     """`target=[I]` and `target=[I] cat smiling` are prompts, not YAML lists; planned without a model."""
     argv = [f"ckpt={ckpt}", "target=[I]", "target=[I] cat smiling", f"out={tmp_path / 'edit'}"]
-    cfg = parse_config(InferConfig, argv, CONFIG_DIR / "infer.yaml")
+    cfg = parse_config(InferConfig, argv)
     assert cfg.target == ["[I]", "[I] cat smiling"]
     plan = infer.check_inputs(cfg).plan
     assert plan.targets == ("[I]", "[I] cat smiling") and plan.source == "a photo of a [I] cat"
     free = [f"image={inputs['photo']}", "source=a photo of a cat", "target=[I] cat smiling", "model=tiny"]
-    assert infer.check_inputs(parse_config(InferConfig, free, CONFIG_DIR / "infer.yaml")).plan.targets == (
-        "[I] cat smiling",)
-    listed = parse_config(InferConfig, [*free[:2], 'target=["a cat", "[I] dog"]'], CONFIG_DIR / "infer.yaml")
+    assert infer.check_inputs(parse_config(InferConfig, free)).plan.targets == ("[I] cat smiling",)
+    listed = parse_config(InferConfig, [*free[:2], 'target=["a cat", "[I] dog"]'])
     assert listed.target == ["a cat", "[I] dog"]
     assert not (tmp_path / "edit").exists()
 
@@ -503,26 +527,24 @@ def test_full_disk_during_spl_leaves_no_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_full_disk_while_saving_the_resume_checkpoint_keeps_the_previous_one(tmp_path: Path) -> None:
-    from s2edit.module import ResumeCheckpoint
+def test_full_disk_while_saving_the_resume_checkpoint_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Trainer's checkpoints go through one atomic writer: a full disk mid-write keeps the previous
+    last.ckpt, names the checkpoint (not the temporary file) and leaves no temporary file."""
+    from s2edit.core.trainer import AtomicCheckpointIO
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "last.ckpt").write_bytes(b"the previous checkpoint")
-    (folder / ".last.ckpt.tmp").write_bytes(b"what a killed run left")
-    callback = ResumeCheckpoint(folder)
 
-    class FullDiskTrainer:
-        global_step = 7
+    def full_disk_save(checkpoint: object, path: Path) -> None:
+        Path(path).write_bytes(b"half a checkp")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-        def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:
-            Path(path).write_bytes(b"half a checkp")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/tmpabc", None, str(path))
-
-    callback.setup(FullDiskTrainer(), None, "fit")  # a new run removes the killed run's temporary file
-    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    monkeypatch.setattr(torch, "save", full_disk_save)
     with pytest.raises(OSError, match="No space left on device") as caught:
-        callback.on_train_end(FullDiskTrainer(), None)
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, folder / "last.ckpt")
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(folder / "last.ckpt")
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     assert (folder / "last.ckpt").read_bytes() == b"the previous checkpoint"
@@ -533,10 +555,10 @@ def test_full_disk_while_saving_the_resume_checkpoint_keeps_the_previous_one(tmp
 
 @pytest.fixture(scope="module")
 def editor(tmp_path_factory: pytest.TempPathFactory) -> object:
-    from s2edit.editing import Editor
+    from s2edit.editing.editor import Editor
 
     cache = tmp_path_factory.mktemp("api_cache")
-    return Editor(load_stable_diffusion("tiny", seed=0), cache_dir=cache, progress=False)
+    return Editor(load_model("tiny", seed=0), cache_dir=cache, progress=False)
 
 
 def _image() -> torch.Tensor:
@@ -551,8 +573,10 @@ API_ROWS = {
     "nan-image": (lambda ed: ed.invert(torch.full((1, 3, 64, 64), math.nan), "a cat"),
                   "image tensor contains NaN"),
     "image-shape": (lambda ed: ed.invert(torch.zeros(3, 64, 64), "a cat"), "shape (3, 64, 64) must be"),
-    "guidance-nan": (lambda ed: ed.invert(_image(), "a cat", guidance=math.nan), "guidance=nan must be"),
-    "guidance-zero": (lambda ed: ed.invert(_image(), "a cat", guidance=0), "guidance=0 must be"),
+    "guidance-nan": (lambda ed: ed.invert(_image(), "a cat", InversionRequest(guidance=math.nan)),
+                     "guidance=nan must be"),
+    "guidance-zero": (lambda ed: ed.invert(_image(), "a cat", InversionRequest(guidance=0)),
+                      "guidance=0 must be"),
     "spl-lr-nan": (lambda ed: SPLSettings(lr=math.nan), "SPLSettings.lr=nan must be a finite number"),
     "p2p-schedule": (lambda ed: P2PSettings(cross_replace=1.5), "P2PSettings.cross_replace=1.5 must be"),
     "nti-lr-text": (lambda ed: NullTextSettings(lr="0.01"), "NullTextSettings.lr='0.01' must be float"),
@@ -560,7 +584,13 @@ API_ROWS = {
                        "targets='tiger' must be a list"),
     "targets-number": (lambda ed: ed.edit_virtual(_image(), "a cat", [123]), "target prompt 123 must be"),
     "prompt-none": (lambda ed: ed.invert(_image(), None), "prompt=None must be a non-empty string"),
-    "steps-text": (lambda ed: ed.invert(_image(), "a cat", steps="4"), "steps='4' must be a positive"),
+    "steps-text": (lambda ed: ed.invert(_image(), "a cat", InversionRequest(steps="4")),
+                   "InversionRequest.steps='4' must be int"),
+    "request-type": (lambda ed: ed.invert(_image(), "a cat", {"method": "direct"}),
+                     "request={'method': 'direct'} must be an InversionRequest"),
+    "method-setting": (lambda ed: ed.run(_image(), "a cat", ["a dog"],
+                                         EditRequest(method="virtual", steps=4)),
+                       "steps=4 is a setting of method=p2p"),
     "seed-negative": (lambda ed: ed.edit_virtual(_image(), "a cat", ["a dog"], seed=-1), "seed=-1 must be"),
 }
 

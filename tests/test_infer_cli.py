@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-import infer
 from editkit.config import run_main
-from s2edit.models import load_stable_diffusion
+from s2edit.core.loading import load_model
+from s2edit.editing import run as infer
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
-FAST = ["resolution=128", "steps=4", "nti.inner_steps=2", "spl.iterations=3"]
-TRAINING_FREE = ["model=tiny", f"image={IMAGE}", "source=a photo of a cat", "method=p2p"]
+FAST = ["resolution=128", "steps=4", "nti.inner_steps=2", "spl.iterations=3"]  # p2p
+VIRTUAL_FAST = ["resolution=128", "virtual.steps=2", "spl.iterations=3"]
+BASE = ["model=tiny", f"image={IMAGE}", "source=a photo of a cat"]
+TRAINING_FREE = [*BASE, "method=p2p"]
 LONG = " ".join(["very"] * 80)
 
 
@@ -52,7 +54,7 @@ def export(make_export) -> Path:
     mask = torch.zeros(128, 128)
     mask[24:104, 16:112] = 1.0
     tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a cat with [A] stripes", "stripes")]
-    return make_export(load_stable_diffusion("tiny", seed=0), tokens, [mask, mask])
+    return make_export(load_model("tiny", seed=0), tokens, [mask, mask])
 
 
 def copy_export(export: Path, tmp_path: Path) -> Path:
@@ -209,13 +211,39 @@ def test_bfloat16_run(tmp_path, capsys) -> None:
          "virtual.blend_target word 'cat'"),
         (["target=a photo of a dog", "method=virtual", "spl.color=true", "spl.color_area=masked"],
          "needs mask words"),
+        (["target=a photo of a dog", "method=virtual", "inversion=direct"],
+         "inversion='direct' is a setting of method=p2p, which this edit does not use (method=virtual)"),
+        (["target=a photo of a dog", "method=p2p", "virtual.steps=3"],
+         "virtual.steps=3 is a setting of method=virtual"),
         ([], "no target prompt"),
         (["target=a photo of a dog", "image=nowhere.png"], "does not exist"),
     ],
 )
 def test_refused_edit_inputs(args, fragment, tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    assert_refused(*run([*TRAINING_FREE, *args, f"out={out}", *FAST], capsys), fragment, out)
+    method = [] if any(a.startswith("method=") for a in args) else ["method=p2p"]
+    fast = VIRTUAL_FAST if "method=virtual" in args else ["resolution=128", "spl.iterations=3"]
+    assert_refused(*run([*BASE, *method, *args, f"out={out}", *fast], capsys), fragment, out)
+
+
+def test_a_p2p_setting_alone_picks_p2p_and_a_virtual_one_virtual(export, tmp_path, capsys) -> None:
+    """method=auto settles by what the user asked for: `inversion=null_text` without a checkpoint edits
+    with null-text inversion + P2P (not the training-free default), and `virtual.steps` with a checkpoint
+    edits virtually (not the checkpoint's default)."""
+    out = tmp_path / "nti"
+    argv = [*BASE, "target=a photo of a dog", "inversion=null_text", f"out={out}", *FAST]
+    code, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "p2p" and report["inversion"]["method"] == "null_text"
+    assert report["settings"]["method"] == "auto"
+    out = tmp_path / "virtual"
+    argv = [f"ckpt={copy_export(export, tmp_path)}", "target=a photo of a [I] cat in the snow", f"out={out}",
+            *VIRTUAL_FAST]
+    code, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "virtual" and report["inversion"] is None
 
 
 def corrupt_weights(ckpt: Path) -> None:

@@ -12,16 +12,14 @@ import torch
 
 from editkit.errors import InputError
 from editkit.images import load_image
-from s2edit.diffusion import DDIMSchedule, ddim_step, predicted_x0, to_epsilon
-from s2edit.inversion import (
-    cache_paths,
-    inversion_key,
-    invert,
-    load_or_invert,
-    reconstruct,
-)
-from s2edit.models import StableDiffusion, load_stable_diffusion
-from s2edit.settings import NullTextSettings
+from s2edit.core.denoiser import GuidedDenoiser
+from s2edit.core.diffusion import DDIMSchedule, ddim_step, predicted_x0, to_epsilon
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import load_model
+from s2edit.core.settings import NullTextSettings
+from s2edit.editing.cache import cache_paths, inversion_key, load_or_invert
+from s2edit.editing.inversion import invert, reconstruct
+from s2edit.editing.request import InversionRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "examples" / "chelsea.png"
@@ -44,7 +42,7 @@ def load_bench():
 
 
 @pytest.fixture(scope="module")
-def sd(tame_tiny_model) -> StableDiffusion:
+def sd(tame_tiny_model) -> ModelFamily:
     """The tiny model, UNet output damped (conftest.py: well-conditioned DDIM trajectories)."""
     return tame_tiny_model()
 
@@ -59,7 +57,7 @@ def inversions(sd, image) -> dict:
     """One inversion per method (shared: the NTI run is the slow part of this file)."""
     nti = NullTextSettings(inner_steps=10, lr=TINY_NTI_LR)
     return {
-        method: invert(sd, image, PROMPT, method, STEPS, GUIDANCE, nti, progress=False)
+        method: invert(sd, image, PROMPT, InversionRequest(method, STEPS, GUIDANCE, nti), progress=False)
         for method in ("ddim", "negative_prompt", "null_text", "direct")
     }
 
@@ -114,7 +112,7 @@ def test_direct_inversion_reconstructs_to_float_precision(sd, inversions) -> Non
     assert direct.offsets.shape == (STEPS, *direct.z0.shape[1:]) and direct.null_prompt == ""
     assert direct.offsets.abs().max() > 1e-3  # guidance 7.5 really leaves the trajectory without them
     with torch.no_grad():
-        assert torch.equal(direct.null_embedding(3), sd.encode_prompt([""]))
+        assert torch.equal(direct.null(3).context, sd.encode_prompt([""]).context)
 
 
 def test_direct_offsets_by_hand_on_the_first_step(sd, inversions) -> None:
@@ -122,7 +120,7 @@ def test_direct_offsets_by_hand_on_the_first_step(sd, inversions) -> None:
     direct = inversions["direct"]
     schedule = DDIMSchedule.from_scheduler(sd.scheduler, STEPS)
     with torch.no_grad():
-        embeds = torch.cat([sd.encode_prompt([""]), sd.encode_prompt([PROMPT])])
+        embeds = torch.cat([sd.encode_prompt([""]).context, sd.encode_prompt([PROMPT]).context])
         z = direct.latents[-1:].to(sd.device)
         eps = sd.unet(z.expand(2, -1, -1, -1), schedule.timesteps[0], encoder_hidden_states=embeds).sample
         guided = eps[:1] + GUIDANCE * (eps[1:] - eps[:1])
@@ -137,12 +135,12 @@ def test_inversion_shapes_and_unconditional_embeddings(sd, inversions) -> None:
     latent = (1, sd.latent_channels, RESOLUTION // sd.vae_scale_factor, RESOLUTION // sd.vae_scale_factor)
     assert null_text.latents.shape == (STEPS + 1, *latent[1:]) and null_text.z_T.shape == latent
     assert torch.equal(null_text.latents[:1], null_text.z0)
-    assert null_text.null_embeddings.shape[0] == STEPS and null_text.null_prompt is None
+    assert len(null_text.nulls) == STEPS and null_text.null_prompt is None
     assert len(null_text.losses) == len(null_text.inner_steps) == STEPS
     assert all(0 <= k <= 10 for k in null_text.inner_steps)
     with torch.no_grad():
-        assert torch.equal(negative.null_embedding(7), sd.encode_prompt([PROMPT]))  # NPI: ∅ := P̃
-        assert torch.equal(ddim.null_embedding(0), sd.encode_prompt([""]))
+        assert torch.equal(negative.null(7).context, sd.encode_prompt([PROMPT]).context)  # NPI: ∅ := P̃
+        assert torch.equal(ddim.null(0).context, sd.encode_prompt([""]).context)
     # all three share the same DDIM inversion trajectory (guidance 1, conditional only)
     assert torch.allclose(null_text.latents, ddim.latents) and torch.allclose(negative.latents, ddim.latents)
 
@@ -150,25 +148,25 @@ def test_inversion_shapes_and_unconditional_embeddings(sd, inversions) -> None:
 def test_early_stop_keeps_one_update_when_the_first_loss_is_under_the_threshold(sd, image) -> None:
     # SPEC §3 / the reference: compute the loss, take the Adam step, THEN stop if that loss was small
     nti = NullTextSettings(inner_steps=5, lr=TINY_NTI_LR, early_stop=1e3)
-    inversion = invert(sd, image, PROMPT, "null_text", 3, GUIDANCE, nti, progress=False)
+    inversion = invert(sd, image, PROMPT, InversionRequest("null_text", 3, GUIDANCE, nti), progress=False)
     assert inversion.inner_steps == [1, 1, 1]
     with torch.no_grad():
-        empty = sd.encode_prompt([""])
-    assert not torch.equal(inversion.null_embedding(0), empty)  # ∅_0 is the embedding after that update
+        empty = sd.encode_prompt([""]).context
+    assert not torch.equal(inversion.null(0).context, empty)  # ∅_0 is the embedding after that update
     # one Adam step from "" with lr 0.1 moves every coordinate by at most ~lr (Adam's first step is ±lr)
-    assert float((inversion.null_embedding(0) - empty).abs().max()) <= TINY_NTI_LR * (1 + 1e-3)
+    assert float((inversion.null(0).context - empty).abs().max()) <= TINY_NTI_LR * (1 + 1e-3)
     nti = NullTextSettings(inner_steps=0)
-    none = invert(sd, image, PROMPT, "null_text", 3, GUIDANCE, nti, progress=False)
-    assert none.inner_steps == [0, 0, 0] and torch.equal(none.null_embedding(2), empty)
+    none = invert(sd, image, PROMPT, InversionRequest("null_text", 3, GUIDANCE, nti), progress=False)
+    assert none.inner_steps == [0, 0, 0] and torch.equal(none.null(2).context, empty)
 
 
 def test_fast_null_text_equals_the_straightforward_reference(sd, image) -> None:
     bench = load_bench()
     steps, nti = 4, NullTextSettings(inner_steps=3, lr=TINY_NTI_LR)
-    fast = invert(sd, image, PROMPT, "null_text", steps, GUIDANCE, nti, progress=False)
+    fast = invert(sd, image, PROMPT, InversionRequest("null_text", steps, GUIDANCE, nti), progress=False)
     reference = bench.reference_null_text(sd, image, PROMPT, steps, GUIDANCE, nti)
     # equal up to float32 rounding (Adam divides by √v: where a gradient is ~0 rounding shows most)
-    difference = (fast.null_embeddings - reference.null_embeddings).abs()
+    difference = (fast.nulls.context - reference.null_embeddings).abs()
     assert float(difference.mean()) < 1e-5 and float(difference.max()) < 1e-3, difference.max()
     assert fast.inner_steps == reference.inner_steps
     assert fast.losses == pytest.approx(reference.losses, rel=1e-3)
@@ -180,9 +178,10 @@ def test_negative_inner_steps_are_refused() -> None:
 
 
 def test_float16_is_refused(image) -> None:
-    sd = load_stable_diffusion("tiny", dtype=torch.float16)
+    sd = load_model("tiny", dtype=torch.float16)
+    request = InversionRequest("null_text", 2, GUIDANCE, NullTextSettings(inner_steps=1))
     with pytest.raises(ValueError, match="float16"):
-        invert(sd, image, PROMPT, "null_text", 2, GUIDANCE, NullTextSettings(inner_steps=1), progress=False)
+        invert(sd, image, PROMPT, request, progress=False)
 
 
 def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image, tame_tiny_model) -> None:
@@ -192,8 +191,9 @@ def test_bfloat16_weights_keep_the_inversion_math_in_float32(sd, image, tame_tin
     errors = {}
     for model in (sd, bf16):
         for method in ("ddim", "null_text"):
-            inversion = invert(model, image, PROMPT, method, steps, GUIDANCE, nti, progress=False)
-            assert inversion.latents.dtype == inversion.null_embeddings.dtype == torch.float32
+            request = InversionRequest(method, steps, GUIDANCE, nti)
+            inversion = invert(model, image, PROMPT, request, progress=False)
+            assert inversion.latents.dtype == inversion.nulls.context.dtype == torch.float32
             errors[model.dtype, method] = latent_error(model, inversion)
     assert errors[torch.bfloat16, "null_text"] < 0.3 * errors[torch.bfloat16, "ddim"], errors
     assert errors[torch.bfloat16, "null_text"] == pytest.approx(errors[torch.float32, "null_text"], rel=0.2)
@@ -206,15 +206,14 @@ def test_cache_hit_miss_and_invalidation(sd, image, tmp_path) -> None:
     nti = NullTextSettings(inner_steps=2)
 
     def run(img=image, prompt=PROMPT, steps=3, guidance=GUIDANCE, weights="w1"):
-        return load_or_invert(
-            sd, img, prompt, tmp_path, weights, "null_text", steps, guidance, nti, progress=False
-        )
+        request = InversionRequest("null_text", steps, guidance, nti)
+        return load_or_invert(sd, img, prompt, request, cache_dir=tmp_path, weights=weights, progress=False)
 
     first = run()
     assert not first.cached and len(list(tmp_path.glob("inversion-*.safetensors"))) == 1
     second = run()
     assert second.cached and second.key == first.key
-    assert torch.equal(second.null_embeddings, first.null_embeddings) and torch.equal(second.z_T, first.z_T)
+    assert torch.equal(second.nulls.context, first.nulls.context) and torch.equal(second.z_T, first.z_T)
     assert second.losses == first.losses and second.method == "null_text"
 
     changed = image.clone()
@@ -226,23 +225,14 @@ def test_cache_hit_miss_and_invalidation(sd, image, tmp_path) -> None:
     assert not run(weights="w2").cached
     assert run(img=changed).cached  # … and is cached in its own entry
 
-    key = inversion_key(
-        image,
-        PROMPT,
-        "null_text",
-        3,
-        GUIDANCE,
-        "w1",
-        torch.float32,
-        nti,
-        scheduler_config=dict(sd.scheduler.config),
-    )
+    key = inversion_key(image, PROMPT, InversionRequest("null_text", 3, GUIDANCE, nti), sd, "w1")
+    assert key["family"] == "sd1" and key["dtype"] == "float32"
     tensors, record = cache_paths(tmp_path, key)
     assert json.loads(record.read_text())["key"]["prompt"] == PROMPT
     tensors.write_bytes(b"not safetensors")  # a corrupt entry is recomputed, never trusted
     with pytest.warns(UserWarning, match="is corrupt .*recomputing and replacing it"):
         again = run()
-    assert not again.cached and torch.allclose(again.null_embeddings, first.null_embeddings)
+    assert not again.cached and torch.allclose(again.nulls.context, first.nulls.context)
     assert run().cached  # … and replaced by a valid entry
 
 
@@ -250,7 +240,8 @@ def test_a_cache_entry_with_nan_or_wrong_shapes_is_recomputed_with_one_warning(s
     from safetensors.torch import load_file, save_file
 
     def run():
-        return load_or_invert(sd, image, PROMPT, tmp_path, "w", "direct", 3, GUIDANCE, progress=False)
+        request = InversionRequest("direct", 3, GUIDANCE)
+        return load_or_invert(sd, image, PROMPT, request, cache_dir=tmp_path, weights="w", progress=False)
 
     first = run()
     assert not first.cached and run().cached  # Direct Inversion is cached like null-text, offsets included
@@ -259,7 +250,7 @@ def test_a_cache_entry_with_nan_or_wrong_shapes_is_recomputed_with_one_warning(s
     for name, corrupt in (
         ("offsets", lambda t: torch.full_like(t, float("nan"))),
         ("latents", lambda t: t[:-1].contiguous()),
-        ("null_embeddings", lambda t: t.double()),
+        ("null_context", lambda t: t.double()),
     ):
         stored = load_file(str(tensors))
         stored[name] = corrupt(stored[name])
@@ -272,29 +263,37 @@ def test_a_cache_entry_with_nan_or_wrong_shapes_is_recomputed_with_one_warning(s
 
 
 def test_temp_files_of_a_killed_save_are_removed_by_the_next_run(sd, image, tmp_path) -> None:
+    """A killed writer's temp file goes at the next load however young it is (its pid is gone); a live
+    writer's stays (the cache may be shared); a nameless (older format) one goes once it is a minute old."""
     import os
+    import subprocess
     import time as time_module
 
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    killed = tmp_path / f".inversion-0123456789abcdef0123.safetensors.{dead}-ab12cd34.tmp"
+    live = tmp_path / f".inversion-0123456789abcdef0123.json.{os.getpid()}-0011aabb.tmp"
     stale = tmp_path / ".inversion-0123456789abcdef0123.safetensors.ab12cd34ef56.tmp"
-    fresh = tmp_path / ".inversion-0123456789abcdef0123.json.0011aabbccdd.tmp"
-    stale.write_bytes(b"half a file")
-    fresh.write_bytes(b"a save in progress")
+    for path in (killed, live, stale):
+        path.write_bytes(b"half a file")
     old = time_module.time() - 3600
     os.utime(stale, (old, old))
-    load_or_invert(sd, image, PROMPT, tmp_path, "w", "ddim", 2, GUIDANCE, progress=False)
-    assert not stale.exists() and fresh.exists()  # a temp file of a live save is never touched
+    request = InversionRequest("ddim", 2, GUIDANCE)
+    load_or_invert(sd, image, PROMPT, request, cache_dir=tmp_path, weights="w", progress=False)
+    assert not killed.exists() and not stale.exists() and live.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p != live]  # its own temps went
 
 
 def test_direct_offsets_batched_over_steps_equal_one_step_at_a_time(sd, inversions) -> None:
     """The steps of Direct Inversion's offset pass start from the stored trajectory, so they can share a
     UNet call; batching them changes nothing but float rounding."""
-    from s2edit.inversion import direct_offsets
+    from s2edit.editing.inversion import direct_offsets
 
     direct = inversions["direct"]
     schedule = DDIMSchedule.from_scheduler(sd.scheduler, STEPS)
     with torch.no_grad():
         null, cond = sd.encode_prompt([""]), sd.encode_prompt([PROMPT])
-    args = (sd.unet, direct.latents, cond, null, schedule, GUIDANCE)
+    args = (GuidedDenoiser(sd), direct.latents, cond, null, schedule, GUIDANCE)
     one = direct_offsets(*args, progress=False, batch_steps=1)
     four = direct_offsets(*args, progress=False, batch_steps=4)
     torch.testing.assert_close(four, one, atol=1e-5, rtol=1e-5)

@@ -8,15 +8,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from s2edit.losses import (
+from s2edit.core.loading import load_model
+from s2edit.core.tokenizer import add_placeholder_token, eos_index
+from s2edit.training.losses import (
     diffusion_target,
     gather_positions,
     masked_attention_loss,
     reconstruction_loss,
     semantic_loss,
 )
-from s2edit.models import load_stable_diffusion
-from s2edit.tokenizer import add_placeholder_token, eos_index
 
 
 def test_semantic_loss_is_the_absolute_cosine_of_eq1() -> None:
@@ -81,7 +81,7 @@ def test_gather_positions_picks_one_vector_per_row() -> None:
 
 
 def test_eos_index_with_an_added_token_is_not_transformers_pooling_position() -> None:
-    sd = load_stable_diffusion("tiny")
+    sd = load_model("tiny")
     token_id = add_placeholder_token(sd.tokenizer, sd.text_encoder, "[I]", "woman")
     ids = sd.tokenize(["a photo of a [I] woman"])  # (1, L)
     eos = int(eos_index(ids, sd.tokenizer.eos_token_id)[0])

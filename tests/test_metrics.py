@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from editkit.errors import InputError
-from s2edit.metrics import (
+from s2edit.evaluation.metrics import (
     FID,
     LPIPS,
     CLIPScore,
@@ -215,7 +215,7 @@ def direct_clip_cosine(folder: Path, images: Tensor, prompt: str) -> Tensor:
     """cos(image, text) straight from CLIPModel.forward, pixels normalised by hand (32 px: no resize)."""
     from transformers import CLIPModel
 
-    from s2edit.tokenizer import clip_tokenizer
+    from s2edit.core.tokenizer import clip_tokenizer
 
     model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

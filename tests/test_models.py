@@ -1,4 +1,5 @@
-"""Model loading: the tiny / random SD architectures, diffusers folders, offline failures, DDIM settings."""
+"""Model loading: the tiny / random SD architectures, diffusers folders and their family, offline failures,
+DDIM settings."""
 
 import json
 import logging
@@ -7,18 +8,15 @@ import shutil
 import diffusers
 import pytest
 import torch
+from conftest import ROOT
 from diffusers import PNDMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from editkit.errors import InputError
-from s2edit.models import (
-    MODEL_CONFIG_DIR,
-    StableDiffusion,
-    ddim_scheduler,
-    load_stable_diffusion,
-    random_stable_diffusion,
-)
-from s2edit.tokenizer import add_placeholder_token, default_cache_dir
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import PRESET_DIR, ddim_scheduler, load_model, preset_names, random_model
+from s2edit.core.stable_diffusion import StableDiffusion, StableDiffusion2
+from s2edit.core.tokenizer import default_cache_dir
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Parameter counts of CompVis/stable-diffusion-v1-4 (UNet ~860M, VAE ~84M, CLIP ViT-L/14 text ~123M)
@@ -26,8 +24,8 @@ SD_V1_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_
 
 
 @pytest.fixture(scope="module")
-def tiny() -> StableDiffusion:
-    return load_stable_diffusion("tiny")
+def tiny() -> ModelFamily:
+    return load_model("tiny")
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -40,7 +38,8 @@ def test_tiny_properties(tiny):
     assert tiny.text_encoder.config.vocab_size == len(tiny.tokenizer) == 49408
     assert tiny.tokenizer.model_max_length == tiny.text_encoder.config.max_position_embeddings == 77
     assert not tiny.unet.training and not tiny.vae.training and not tiny.text_encoder.training
-    assert tiny.name == "tiny"
+    assert tiny.source == "tiny" and tiny.name == "sd1" and isinstance(tiny, StableDiffusion)
+    assert preset_names() == ["sd-v1-random", "tiny", "tiny-lcm", "tiny-v"]
 
 
 @torch.no_grad()
@@ -48,7 +47,7 @@ def test_tiny_shapes_non_square(tiny):
     image = torch.rand(1, 3, 256, 192) * 2 - 1
     latents = tiny.encode_image(image).expand(2, -1, -1, -1)
     assert latents.shape == (2, tiny.latent_channels, 256 // 8, 192 // 8)
-    states = tiny.encode_prompt(["a photo of a woman", "a cat"])
+    states = tiny.encode_prompt(["a photo of a woman", "a cat"]).context
     assert states.shape == (2, tiny.tokenizer.model_max_length, tiny.text_encoder.config.hidden_size)
     out = tiny.unet(latents, torch.tensor([500, 20]), encoder_hidden_states=states).sample
     assert out.shape == latents.shape
@@ -90,13 +89,13 @@ class _QueryRecorder(AttnProcessor2_0):
 @torch.no_grad()
 def test_tiny_has_sd_v1_attention_layout(tiny):
     with torch.device("meta"):
-        sd_v1 = random_stable_diffusion("sd-v1-random")
+        sd_v1 = random_model("sd-v1-random")
     assert list(tiny.unet.attn_processors) == list(sd_v1.unet.attn_processors)  # same layers, same names
     seen: dict[str, int] = {}
     tiny.unet.set_attn_processor({name: _QueryRecorder(name, seen) for name in tiny.unet.attn_processors})
     try:
         h, w = 32, 24  # latent of a 256×192 image
-        states = tiny.encode_prompt(["a photo"])
+        states = tiny.encode_prompt(["a photo"]).context
         tiny.unet(torch.randn(1, 4, h, w), torch.tensor([10]), encoder_hidden_states=states)
     finally:
         tiny.unet.set_attn_processor(AttnProcessor2_0())
@@ -116,7 +115,7 @@ def test_tiny_has_sd_v1_attention_layout(tiny):
 
 def test_same_seed_same_weights():
     state = torch.get_rng_state()
-    a, b, c = (random_stable_diffusion("tiny", seed=s) for s in (0, 0, 1))
+    a, b, c = (random_model("tiny", seed=s) for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     for part in ("unet", "vae", "text_encoder"):
         sa, sb, sc = (getattr(m, part).state_dict() for m in (a, b, c))
@@ -126,7 +125,7 @@ def test_same_seed_same_weights():
 
 def test_sd_v1_random_is_full_size_without_allocating():
     with torch.device("meta"):
-        sd = random_stable_diffusion("sd-v1-random")
+        sd = random_model("sd-v1-random")
     assert sd.unet.device == torch.device("meta")
     assert {part: _count(getattr(sd, part)) for part in SD_V1_PARAMS} == SD_V1_PARAMS
     assert sd.vae_scale_factor == 8
@@ -138,7 +137,7 @@ def test_tiny_is_small(tiny):
 
 
 def test_dtype_argument():
-    sd = load_stable_diffusion("tiny", dtype=torch.bfloat16)
+    sd = load_model("tiny", dtype=torch.bfloat16)
     assert {sd.unet.dtype, sd.vae.dtype, sd.text_encoder.dtype} == {torch.bfloat16}
     with torch.no_grad():
         latents = sd.encode_image(torch.zeros(1, 3, 64, 64))
@@ -146,7 +145,7 @@ def test_dtype_argument():
 
 
 def test_ddim_scheduler_settings():
-    config = json.loads((MODEL_CONFIG_DIR / "sd-v1" / "scheduler.json").read_text())
+    config = json.loads((PRESET_DIR / "sd-v1-random" / "scheduler.json").read_text())
     for source in (config, PNDMScheduler.from_config(config)):
         scheduler = ddim_scheduler(source)
         assert scheduler.config.clip_sample is False and scheduler.config.set_alpha_to_one is False
@@ -161,7 +160,7 @@ def test_ddim_scheduler_settings():
 
 def test_hub_id_offline_fails_fast_with_a_hint():
     with pytest.raises(InputError) as error:
-        load_stable_diffusion("s2edit-tests/no-such-model", local_files_only=True)
+        load_model("s2edit-tests/no-such-model", local_files_only=True)
     message = str(error.value)
     assert "could not load model 's2edit-tests/no-such-model'" in message
     assert "model=/path/to/stable-diffusion-v1-4" in message and "model=tiny" in message
@@ -171,35 +170,35 @@ def test_hub_id_offline_fails_fast_with_a_hint():
 def test_hub_offline_env_is_honoured(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match=r"'s2edit-tests/no-such-model'.*offline mode"):
-        load_stable_diffusion("s2edit-tests/no-such-model")
+        load_model("s2edit-tests/no-such-model")
 
 
 def test_hub_id_without_network_fails(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: like an unreachable hub
-    monkeypatch.setattr("s2edit.models.hub_constants.ENDPOINT", "https://127.0.0.1:9")
-    monkeypatch.setattr("s2edit.models.hub_constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("s2edit.core.loading.hub_constants.ENDPOINT", "https://127.0.0.1:9")
+    monkeypatch.setattr("s2edit.core.loading.hub_constants.HF_HUB_OFFLINE", False)
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(InputError, match=r"could not load model 's2edit-tests/no-such-model'.*unreachable"):
-        load_stable_diffusion("s2edit-tests/no-such-model")
+        load_model("s2edit-tests/no-such-model")
 
 
 @pytest.mark.parametrize("model", ["not a model name!", "owner/name/extra/../x y"])
 def test_bad_model_names(model):
     with pytest.raises(InputError, match="model"):
-        load_stable_diffusion(model)
+        load_model(model)
 
 
 def test_incomplete_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        load_stable_diffusion(str(tmp_path / "missing"))
+        load_model(str(tmp_path / "missing"))
     (tmp_path / "weights.ckpt").write_text("")
     with pytest.raises(InputError, match="is a file, not a folder"):
-        load_stable_diffusion(str(tmp_path / "weights.ckpt"))
+        load_model(str(tmp_path / "weights.ckpt"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")
     with pytest.raises(InputError) as error:
-        load_stable_diffusion(str(tmp_path))
+        load_model(str(tmp_path))
     message = str(error.value)
     assert "not a diffusers Stable Diffusion folder" in message and str(tmp_path) in message
     for piece in ("unet/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/config.json",
@@ -208,7 +207,7 @@ def test_incomplete_folder_is_refused(tmp_path):
     assert "unet/config.json" not in message
 
 
-def _save_folder(sd: StableDiffusion, folder) -> None:
+def _save_folder(sd: ModelFamily, folder) -> None:
     for part in COMPONENTS:
         getattr(sd, part).save_pretrained(folder / part)
     classes = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers",
@@ -220,11 +219,11 @@ def _save_folder(sd: StableDiffusion, folder) -> None:
 
 @torch.no_grad()
 def test_diffusers_folder_round_trip(tmp_path):
-    sd = load_stable_diffusion("tiny", seed=3)
-    add_placeholder_token(sd.tokenizer, sd.text_encoder, "[I]", "woman")
+    sd = load_model("tiny", seed=3)
+    sd.add_placeholder("[I]", "woman")
     _save_folder(sd, tmp_path)
-    loaded = load_stable_diffusion(str(tmp_path))
-    assert loaded.name == str(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.source == str(tmp_path) and loaded.name == "sd1"
     prompt = "a photo of a [I] woman"
     assert loaded.tokenizer(prompt).input_ids == sd.tokenizer(prompt).input_ids
     assert loaded.tokenizer.model_max_length == 77
@@ -233,8 +232,8 @@ def test_diffusers_folder_round_trip(tmp_path):
         assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved), part
     # Same weights; outputs agree to float rounding (loaded tensors may sit differently in memory)
     image = torch.rand(1, 3, 128, 128) * 2 - 1
-    latents, states = sd.encode_image(image), sd.encode_prompt([prompt])
-    torch.testing.assert_close(loaded.encode_prompt([prompt]), states, rtol=0, atol=1e-5)
+    latents, states = sd.encode_image(image), sd.encode_prompt([prompt]).context
+    torch.testing.assert_close(loaded.encode_prompt([prompt]).context, states, rtol=0, atol=1e-5)
     torch.testing.assert_close(loaded.encode_image(image), latents, rtol=0, atol=1e-5)
     timestep = torch.tensor([10])
     torch.testing.assert_close(loaded.unet(latents, timestep, states).sample,
@@ -247,13 +246,13 @@ def test_diffusers_folder_round_trip(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(default_cache_dir() / name, tmp_path / "tokenizer" / name)
-    plain = load_stable_diffusion(str(tmp_path))
+    plain = load_model(str(tmp_path))
     assert plain.tokenizer.model_max_length == 77
     assert plain.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
 
 
 def test_the_empty_float32_list_warning_of_diffusers_is_filtered() -> None:
-    import s2edit.models  # noqa: F401  (installs the filter)
+    import s2edit.core.loading  # noqa: F401  (installs the filter)
 
     logger = logging.getLogger("diffusers.models.modeling_utils")
 
@@ -270,22 +269,58 @@ def test_a_local_lcm_folder_keeps_its_scheduler_for_the_virtual_editor(tmp_path)
     model=PATH; the inversion path still gets SPEC §3's DDIM, the virtual editor LCM timesteps (SPEC §9)."""
     from diffusers import LCMScheduler
 
-    from s2edit.diffusion import is_lcm
-    from s2edit.editing import Editor
-    from s2edit.settings import SPLSettings, VirtualSettings
+    from s2edit.core.diffusion import is_lcm
+    from s2edit.core.settings import SPLSettings, VirtualSettings
+    from s2edit.editing.editor import Editor
 
-    _save_folder(load_stable_diffusion("tiny-lcm", seed=0), tmp_path)
-    lcm_config = json.loads((MODEL_CONFIG_DIR / "tiny-lcm" / "scheduler.json").read_text())
+    _save_folder(load_model("tiny-lcm", seed=0), tmp_path)
+    lcm_config = json.loads((PRESET_DIR / "tiny-lcm" / "scheduler.json").read_text())
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(lcm_config))
-    sd = load_stable_diffusion(str(tmp_path))
+    sd = load_model(str(tmp_path))
     assert is_lcm(sd.scheduler_config) and type(sd.scheduler).__name__ == "DDIMScheduler"
     assert sd.scheduler.config.set_alpha_to_one is False  # SPEC §3 DDIM for inversions
     timesteps = []
     editor = Editor(sd, weights="lcm-folder", progress=False)
-    image = editor.load_image(MODEL_CONFIG_DIR.parents[1] / "examples" / "chelsea.png", 128)
+    image = editor.load_image(ROOT / "examples" / "chelsea.png", 128)
     editor.edit_virtual(image, "a photo of a cat", ["a photo of a tiger"], virtual=VirtualSettings(steps=4),
                         spl=SPLSettings(structure=False, postprocess=False),
                         callback=lambda state: timesteps.append(int(state.timestep)))
     reference = LCMScheduler.from_config(lcm_config)
     reference.set_timesteps(4, original_inference_steps=50)
     assert timesteps == reference.timesteps.tolist()
+
+
+def test_tiny_v_is_the_sd2_family_predicting_v():
+    model = load_model("tiny-v")
+    assert isinstance(model, StableDiffusion2) and model.name == "sd2"
+    assert model.prediction_type == model.scheduler.config.prediction_type == "v_prediction"
+    tiny = load_model("tiny")
+    for part in ("unet", "vae", "text_encoder"):  # tiny's architecture and seed-0 weights, another scheduler
+        a, b = getattr(model, part).state_dict(), getattr(tiny, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    z, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    alpha = 0.3  # v = √ᾱ·ε − √(1−ᾱ)·x0 and z = √ᾱ·x0 + √(1−ᾱ)·ε  ⇒  ε = √ᾱ·v + √(1−ᾱ)·z
+    x0 = (z - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
+    v = alpha ** 0.5 * eps - (1 - alpha) ** 0.5 * x0
+    torch.testing.assert_close(model.to_epsilon(v, z, alpha), eps, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tiny.to_epsilon(eps, z, alpha), eps)
+
+
+@pytest.mark.parametrize(("change", "family"), [
+    ({}, "sd1"),
+    ({"scheduler": {"prediction_type": "v_prediction"}}, "sd2"),  # SD 2.x 768-v
+    ({"text_encoder": {"hidden_size": 1024}}, "sd2"),  # SD 2.x base: OpenCLIP ViT-H, ε
+])
+def test_the_family_is_detected_from_the_folder(change, family):
+    configs = {"scheduler": {"prediction_type": "epsilon"}, "text_encoder": {"hidden_size": 768}}
+    for part, values in change.items():
+        configs[part] = {**configs[part], **values}
+    matches = [cls.name for cls in (StableDiffusion, StableDiffusion2) if cls.matches("", configs)]
+    assert matches == [family]
+
+
+@torch.no_grad()
+def test_a_v_prediction_folder_loads_as_sd2(tmp_path):
+    _save_folder(load_model("tiny-v", seed=0), tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.name == "sd2" and loaded.prediction_type == "v_prediction"

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recorder
 from PIL import Image
 from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train
 from editkit.config import parse_config
-from s2edit.attention import CROSS_SUFFIX, AttentionCall, AttentionController, AttentionProcessor, heads_view
-from s2edit.config import CONFIG_DIR, TrainConfig
-from s2edit.data import S2EditDataModule
-from s2edit.module import NonFiniteLossError, ResumeCheckpoint, S2EditModule
+from s2edit.core.attention import CROSS_SUFFIX, AttentionController, AttentionProcessor, heads_view
+from s2edit.core.trainer import make_trainer
+from s2edit.training import run as train
+from s2edit.training.config import TrainConfig
+from s2edit.training.data import S2EditDataModule
+from s2edit.training.module import NonFiniteLossError, S2EditModule
 
 SIZE = 128
 
@@ -45,34 +47,21 @@ def inputs(tmp_path: Path) -> dict[str, str]:
 def _config(tmp_path: Path, inputs: dict[str, str], *overrides: str) -> TrainConfig:
     argv = [f"image={inputs['image']}", f"mask={inputs['mask']}", "model=tiny", f"resolution={SIZE}",
             f"out={tmp_path / 'run'}", "max_steps=2", "image_log_every=0", *overrides]
-    return parse_config(TrainConfig, argv, CONFIG_DIR / "train.yaml")
+    return parse_config(TrainConfig, argv)
 
 
 def _fit(module: S2EditModule, config: TrainConfig, steps: int, **trainer_args: object) -> S2EditDataModule:
     pairs = train.check_inputs(config)
-    datamodule = S2EditDataModule(pairs, module.sd, module.token_ids, steps, config.resolution)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, **trainer_args)
+    datamodule = S2EditDataModule(pairs, module.model, module.token_ids, steps, config.resolution)
+    trainer = make_trainer(accelerator="cpu", max_steps=steps, progress=False, **trainer_args)
     trainer.fit(module, datamodule=datamodule)
     return datamodule
-
-
-class Recorder(AttentionController):
-    """Keeps a copy of the probabilities each layer hands on (a real controller, not a mock)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, tuple[torch.Tensor, AttentionCall]] = {}
-
-    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        self.calls[call.name] = (probs.detach().clone(), call)
-        return probs
 
 
 class ProbedModule(S2EditModule):
     """Records every controlled layer's probabilities before and after the module's own controllers."""
 
-    def attention_controllers(self, batch: dict[str, torch.Tensor]) -> list[AttentionController]:
+    def attention_controllers(self, batch: dict) -> list[AttentionController]:
         self.before, self.after = Recorder(), Recorder()
         self.batch = batch
         return [self.before, *super().attention_controllers(batch), self.after]
@@ -87,13 +76,13 @@ def test_spatial_control_masks_the_placeholder_column_in_every_cross_attention_l
     _fit(module, config, steps=1)
 
     cross_layers = {name for name in original_processors if name.endswith(CROSS_SUFFIX)}
-    assert len(cross_layers) >= 4 and set(module.after.calls) == cross_layers == set(module.before.calls)
+    assert len(cross_layers) >= 4 and set(module.after.seen) == cross_layers == set(module.before.seen)
     position = int(module.batch["placeholder_position"][0])
     mask = module.batch["mask"][0]
     assert 0 < mask.mean() < 1  # the half mask: the test would be vacuous with an all-ones mask
     for name in cross_layers:
-        before, call = module.before.calls[name]
-        after, _ = module.after.calls[name]
+        before, call = module.before.seen[name]
+        after, _ = module.after.seen[name]
         layer_mask = F.interpolate(mask[None, None], size=call.size, mode="nearest").flatten()  # (Q,)
         before, after = heads_view(before, call.heads), heads_view(after, call.heads)  # (B, heads, Q, K)
         torch.testing.assert_close(after[..., position], before[..., position] * layer_mask, rtol=0, atol=0)
@@ -113,7 +102,7 @@ def test_only_the_placeholder_row_of_the_token_embedding_changes(
     token_id = module.token_ids["[I]"]
     before = module.text_encoder.get_input_embeddings().weight.detach().clone()
     unet_before = {k: v.clone() for k, v in module.unet.state_dict().items()}
-    _fit(module, config, steps=2, gradient_clip_val=1.0)
+    _fit(module, config, steps=2, grad_clip=1.0)
 
     after = module.text_encoder.get_input_embeddings().weight.detach()
     others = torch.ones(after.shape[0], dtype=torch.bool)
@@ -139,7 +128,7 @@ def test_compositional_pairs_share_a_batch_when_sizes_match_else_alternate(
         config = _config(tmp_path, inputs, f"reference={image}", *reference)
         module = S2EditModule(config)
         assert set(module.token_ids) == {"[I]", "[A]"}
-        datamodule = S2EditDataModule(train.check_inputs(config), module.sd, module.token_ids, 3, SIZE)
+        datamodule = S2EditDataModule(train.check_inputs(config), module.model, module.token_ids, 3, SIZE)
         datamodule.setup("fit")
         batches = list(datamodule.train_dataloader())
         assert len(batches) == 3 and datamodule.batch_size == batch_size
@@ -178,12 +167,47 @@ def test_resume_continues_the_step_count(tmp_path: Path, inputs: dict[str, str])
     assert (export / "manifest.json").is_file()
 
 
+def test_a_run_without_resume_starts_afresh_beside_an_old_checkpoint(
+    tmp_path: Path, inputs: dict[str, str]
+) -> None:
+    """Only resume=true continues last.ckpt: a new run into the same out trains from step 0."""
+    argv = [f"image={inputs['image']}", f"mask={inputs['mask']}", "model=tiny", f"resolution={SIZE}",
+            f"out={tmp_path / 'run'}", "image_log_every=0"]
+    train.main([*argv, "max_steps=2"])
+    train.main([*argv, "max_steps=1"])
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == 1
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, inputs: dict[str, str]) -> None:
     config = _config(tmp_path, inputs)
-    module = S2EditModule(config)
-    callback = ResumeCheckpoint(Path(config.out) / "checkpoints")
-    _fit(module, config, steps=1, callbacks=[callback])
-    assert callback.path.is_file()
+    checkpoints = Path(config.out) / "checkpoints"
+    _fit(S2EditModule(config), config, steps=1, checkpoints=checkpoints)
+    last = checkpoints / "last.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # no top-k files, no temporaries
     other = _config(tmp_path, inputs, "prompt=a photo of a [I] astronaut", "object=astronaut", "resume=true")
     with pytest.raises(train.InputError, match="was trained with prompt="):
-        train.check_resumable(callback.path, other)
+        train.check_resumable(last, other)
+
+
+def test_the_checkpoint_is_written_every_n_steps_at_the_end_and_on_ctrl_c(
+    tmp_path: Path, inputs: dict[str, str]
+) -> None:
+    """Lightning's ModelCheckpoint(save_last) and OnExceptionCheckpoint through one atomic writer."""
+    config = _config(tmp_path, inputs)
+    checkpoints = Path(config.out) / "checkpoints"
+    saved: list[int] = []
+
+    class Interrupt(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            if checkpoints.joinpath("last.ckpt").is_file():
+                saved.append(torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"])
+            if trainer.global_step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C (train.py turns it into exit 130)
+        _fit(S2EditModule(config), config, steps=5, checkpoints=checkpoints, checkpoint_every=2,
+             callbacks=[Interrupt()])
+    assert saved == [2]  # written at step 2 (every 2 steps; Lightning runs checkpointing last: seen at 3)
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3  # on Ctrl-C
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]

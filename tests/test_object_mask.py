@@ -1,4 +1,4 @@
-"""M_obj: the object word's level-4 attention of the pretrained model, binarised; or a user mask."""
+"""M_obj: the object word's attention at the model's mask level (4: image/32), binarised; or a user mask."""
 
 from __future__ import annotations
 
@@ -12,22 +12,23 @@ from skimage import data as skdata
 
 from editkit.errors import InputError
 from editkit.images import load_image
-from s2edit.attention import AttentionStore, controlled_attention, cross_attention_layers
-from s2edit.models import StableDiffusion, load_stable_diffusion
-from s2edit.object_mask import MASK_LEVEL, load_object_mask, object_attention_map, object_mask, resize_mask
-from s2edit.tokenizer import word_token_indices
+from s2edit.core.attention import AttentionStore
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import load_model
+from s2edit.core.tokenizer import word_token_indices
+from s2edit.training.object_mask import load_object_mask, object_attention_map, object_mask, resize_mask
 
 SIZE = 128
 PROMPT = "a photo of a woman"
 
 
 @pytest.fixture(scope="module")
-def sd() -> StableDiffusion:
-    return load_stable_diffusion("tiny")
+def sd() -> ModelFamily:
+    return load_model("tiny")
 
 
 @pytest.fixture(scope="module")
-def latents(sd: StableDiffusion, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+def latents(sd: ModelFamily, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
     path = tmp_path_factory.mktemp("img") / "astronaut.png"
     Image.fromarray(skdata.astronaut()[:SIZE, SIZE : 2 * SIZE]).save(path)
     with torch.no_grad():
@@ -35,15 +36,15 @@ def latents(sd: StableDiffusion, tmp_path_factory: pytest.TempPathFactory) -> to
 
 
 def test_attention_map_is_the_mean_of_the_word_columns_over_layers_and_timesteps(
-    sd: StableDiffusion, latents: torch.Tensor
+    sd: ModelFamily, latents: torch.Tensor
 ) -> None:
     timesteps = (200, 600)
     attention = object_attention_map(sd, latents, PROMPT, "woman", timesteps, seed=3)
     # recompute by hand: same noise, each timestep, every level-4 cross-attention layer
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
-    store = AttentionStore(levels=(MASK_LEVEL,))
-    with torch.no_grad(), controlled_attention(sd.unet, store, layers=cross_attention_layers):
-        embeds = sd.encode_prompt([PROMPT])
+    store = AttentionStore(levels=(sd.mask_level,))
+    with torch.no_grad(), sd.attention_control(store, cross_only=True):
+        embeds = sd.encode_prompt([PROMPT]).context
         for step, t in enumerate(timesteps):
             store.step = step
             noisy = sd.scheduler.add_noise(latents, noise, torch.tensor([t]))
@@ -54,12 +55,12 @@ def test_attention_map_is_the_mean_of_the_word_columns_over_layers_and_timesteps
     by_hand = torch.stack(layers).mean(0)[0, :, :, position].mean(-1)
     torch.testing.assert_close(attention, by_hand / by_hand.max())
     latent_h, latent_w = latents.shape[-2:]
-    assert attention.shape == (latent_h // MASK_LEVEL, latent_w // MASK_LEVEL)
+    assert sd.mask_level == 4 and attention.shape == (latent_h // 4, latent_w // 4)
     assert attention.max().item() == pytest.approx(1.0)
 
 
 def test_object_mask_is_the_thresholded_map_at_the_latent_grid(
-    sd: StableDiffusion, latents: torch.Tensor
+    sd: ModelFamily, latents: torch.Tensor
 ) -> None:
     attention = object_attention_map(sd, latents, PROMPT, "woman")
     threshold = float(attention.median())  # a threshold that splits the map
@@ -72,12 +73,12 @@ def test_object_mask_is_the_thresholded_map_at_the_latent_grid(
     torch.testing.assert_close(resize_mask(mask, tuple(attention.shape)), (attention > threshold).float())
 
 
-def test_object_word_missing_from_the_prompt_is_refused(sd: StableDiffusion, latents: torch.Tensor) -> None:
+def test_object_word_missing_from_the_prompt_is_refused(sd: ModelFamily, latents: torch.Tensor) -> None:
     with pytest.raises(InputError, match="'cat' is not in the prompt"):
         object_mask(sd, latents, PROMPT, "cat")
 
 
-def test_object_word_of_several_tokens_averages_them(sd: StableDiffusion, latents: torch.Tensor) -> None:
+def test_object_word_of_several_tokens_averages_them(sd: ModelFamily, latents: torch.Tensor) -> None:
     prompt = "a photo of an astronautically dressed woman"
     positions = word_token_indices(sd.tokenizer, prompt, "astronautically")
     assert len(positions) > 1

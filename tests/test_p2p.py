@@ -6,21 +6,21 @@ import pytest
 import torch
 
 from editkit.errors import InputError
-from s2edit.attention import AttentionCall, AttentionStore, ControllerChain, controlled_attention
-from s2edit.models import StableDiffusion, load_stable_diffusion
-from s2edit.p2p import (
+from s2edit.core.attention import AttentionCall, AttentionStore, ControllerChain
+from s2edit.core.family import ModelFamily
+from s2edit.core.loading import load_model
+from s2edit.core.settings import P2PSettings
+from s2edit.core.tokenizer import clip_tokenizer, word_token_indices
+from s2edit.editing.alignment import (
     NEW_TOKEN,
-    LocalBlend,
-    PromptToPrompt,
-    build_p2p,
-    cross_replace_schedule,
     global_alignment,
-    injection_steps,
     prompt_word_ids,
     refine_mapping,
     replace_mapping,
 )
-from s2edit.tokenizer import clip_tokenizer, word_token_indices
+from s2edit.editing.methods.p2p import LocalBlend, PromptToPrompt, cross_replace_schedule, injection_steps
+from s2edit.editing.plan import EditPlan, plan_edit
+from s2edit.editing.request import EditRequest
 
 BOS, EOS = 100, 200  # hand-made ids: start / end tokens
 
@@ -28,6 +28,12 @@ BOS, EOS = 100, 200  # hand-made ids: start / end tokens
 @pytest.fixture(scope="module")
 def tokenizer():
     return clip_tokenizer()
+
+
+def p2p_plan(tokenizer, source: str, targets: list[str], steps: int, **settings) -> EditPlan:
+    """The plan of a Prompt-to-Prompt edit with these P2P settings (its tables are the method's)."""
+    request = EditRequest(method="p2p", steps=steps, p2p=P2PSettings(**settings))
+    return plan_edit(tokenizer, [], source, targets, request)
 
 
 # ------------------------------------------------------------------------------------ token alignment
@@ -74,7 +80,7 @@ def test_a_repeated_token_pairs_with_its_first_candidate() -> None:
 
 
 def test_refine_mapping_on_real_prompts(tokenizer) -> None:
-    p2p = build_p2p(tokenizer, "a photo of a cat", ["a photo of a fluffy cat"], num_steps=4)
+    p2p = p2p_plan(tokenizer, "a photo of a cat", ["a photo of a fluffy cat"], 4).tables
     fluffy = word_token_indices(tokenizer, "a photo of a fluffy cat", "fluffy")
     cat_source = word_token_indices(tokenizer, "a photo of a cat", "cat")
     cat_target = word_token_indices(tokenizer, "a photo of a fluffy cat", "cat")
@@ -111,12 +117,12 @@ def test_replace_mapper_swaps_words_one_to_one_and_spreads_uneven_words() -> Non
 def test_replace_mode_on_real_prompts_and_word_count_check(tokenizer) -> None:
     words = prompt_word_ids(tokenizer, "a photo of a cat, sleeping")
     assert len(words) == 6 and len(words[4]) == 2  # "cat," is one word of two tokens
-    p2p = build_p2p(tokenizer, "a photo of a cat", ["a photo of a dog"], num_steps=4, mode="replace")
+    p2p = p2p_plan(tokenizer, "a photo of a cat", ["a photo of a dog"], 4, mode="replace").tables
     context = tokenizer.model_max_length
     assert p2p.mapper.shape == (1, context, context)
     torch.testing.assert_close(p2p.mapper[0], torch.eye(context))  # one-token swap: same positions
     with pytest.raises(InputError, match="mode=refine"):
-        build_p2p(tokenizer, "a photo of a cat", ["a photo of a big dog"], num_steps=4, mode="replace")
+        p2p_plan(tokenizer, "a photo of a cat", ["a photo of a big dog"], 4, mode="replace")
 
 
 # ------------------------------------------------------------------------------- schedules and inputs
@@ -158,22 +164,20 @@ def test_cross_replace_schedule_with_per_word_fraction(tokenizer) -> None:
         cross_replace_schedule(tokenizer, [target], 10, words={"tiger": 0.3})
 
 
-def test_build_refuses_bad_inputs(tokenizer) -> None:
+def test_the_plan_refuses_bad_inputs(tokenizer) -> None:
     source, target = "a photo of a cat", "a photo of a dog"
     with pytest.raises(InputError, match="tokens long"):
-        build_p2p(tokenizer, source, [" ".join(["cat"] * 80)], num_steps=4)
+        p2p_plan(tokenizer, source, [" ".join(["cat"] * 80)], 4)
     with pytest.raises(InputError, match="mode='swap'"):
-        build_p2p(tokenizer, source, [target], num_steps=4, mode="swap")
+        p2p_plan(tokenizer, source, [target], 4, mode="swap")
     with pytest.raises(InputError, match="reweight word 'tiger'"):
-        build_p2p(tokenizer, source, [target], num_steps=4, reweight={"tiger": 2.0})
+        p2p_plan(tokenizer, source, [target], 4, reweight={"tiger": 2.0})
     with pytest.raises(InputError, match=r"self_replace=1\.5"):
-        build_p2p(tokenizer, source, [target], num_steps=4, self_replace=1.5)
-    with pytest.raises(InputError, match="'dog' is not in the prompt 'a photo of a cat'"):
-        build_p2p(tokenizer, source, [target], num_steps=4, blend_words=[["dog"], ["dog"]])
-    with pytest.raises(InputError, match="one list of words per prompt"):
-        build_p2p(tokenizer, source, [target], num_steps=4, blend_words=["cat", "dog"])
-    with pytest.raises(InputError, match="non-empty list"):
-        build_p2p(tokenizer, source, target, num_steps=4)
+        p2p_plan(tokenizer, source, [target], 4, self_replace=1.5)
+    with pytest.raises(InputError, match="blend word 'tiger' is in neither the source nor a target prompt"):
+        p2p_plan(tokenizer, source, [target], 4, blend_words=["tiger"])
+    with pytest.raises(InputError, match="must be a list of one or more target prompts"):
+        p2p_plan(tokenizer, source, target, 4)
 
 
 # ------------------------------------------------------------------ the controller on synthetic maps
@@ -273,9 +277,9 @@ def test_reweight_scales_the_injected_maps_and_is_off_after_the_injection() -> N
         assert torch.equal(controller(probs, _call(True)), probs)
 
 
-def test_build_reweight_table_on_the_word_tokens(tokenizer) -> None:
+def test_the_reweight_table_marks_the_word_tokens(tokenizer) -> None:
     target = "a photo of a hippopotamus"
-    p2p = build_p2p(tokenizer, "a photo of a cat", [target], num_steps=4, reweight={"hippopotamus": 0.5})
+    p2p = p2p_plan(tokenizer, "a photo of a cat", [target], 4, reweight={"hippopotamus": 0.5}).tables
     word = word_token_indices(tokenizer, target, "hippopotamus")
     assert len(word) > 1 and p2p.reweight[0, word].tolist() == [0.5] * len(word)
     assert int((p2p.reweight != 1).sum()) == len(word)
@@ -295,7 +299,7 @@ def test_local_blend_keeps_the_target_only_where_the_words_attend() -> None:
     word_alphas = torch.zeros(2, K)
     word_alphas[0, 4] = 1.0  # source word token
     word_alphas[1, 2] = 1.0  # target word token
-    blend = LocalBlend(word_alphas, num_steps=10, threshold=0.3, start=0.2)
+    blend = LocalBlend(word_alphas, num_steps=10, level=4, threshold=0.3, start=0.2)
     maps = torch.zeros(2, 4, 4, K)
     maps[1, 0:2, 0:2, 2] = 1.0  # target word: top-left 2×2 cells
     maps[1, :, :, 2] += 0.1  # weak everywhere: below the threshold after /max
@@ -318,7 +322,7 @@ def test_local_blend_reads_the_maps_summed_over_all_steps_so_far() -> None:
     word_alphas = torch.zeros(2, K)
     word_alphas[0, 4] = 1.0  # source word: never attended in these maps
     word_alphas[1, 2] = 1.0  # target word
-    blend = LocalBlend(word_alphas, num_steps=10, threshold=0.3, start=0.0)
+    blend = LocalBlend(word_alphas, num_steps=10, level=4, threshold=0.3, start=0.0)
     first, second = torch.zeros(2, 2, 4, 4, K)
     first[1, 0, 0, 2] = 1.0  # step 0: the target word attends to the top-left cell
     second[1, 3, 3, 2] = 1.0  # step 1: to the bottom-right cell
@@ -336,21 +340,22 @@ def test_local_blend_reads_the_maps_summed_over_all_steps_so_far() -> None:
     assert torch.equal(blend(latents, store, step=0)[1][:, 4:8, 4:8], latents[0][:, 4:8, 4:8])  # step 0 only
 
 
-def test_build_local_blend_marks_the_words_of_each_prompt(tokenizer) -> None:
+def test_local_blend_marks_the_words_of_each_prompt(tokenizer, sd) -> None:
     source, target = "a photo of a cat", "a photo of a hippopotamus"
-    p2p = build_p2p(tokenizer, source, [target], num_steps=10, blend_words=[["cat"], ["hippopotamus"]])
-    alphas = p2p.local_blend.word_alphas
+    plan = p2p_plan(tokenizer, source, [target], 10, blend_words=["cat", "hippopotamus"])
+    blend = plan.local_blend(sd)
+    alphas = blend.word_alphas
     assert alphas[0].nonzero().flatten().tolist() == word_token_indices(tokenizer, source, "cat")
     assert alphas[1].nonzero().flatten().tolist() == word_token_indices(tokenizer, target, "hippopotamus")
-    assert p2p.local_blend.start_step == 2
+    assert blend.start_step == 2 and blend.level == sd.mask_level
 
 
 # ------------------------------------------------------------------------------ the tiny SD UNet
 
 
 @pytest.fixture(scope="module")
-def sd() -> StableDiffusion:
-    return load_stable_diffusion("tiny")
+def sd() -> ModelFamily:
+    return load_model("tiny")
 
 
 # A randomly initialised UNet attends almost uniformly (its query·key logits are ~0), so its attention
@@ -360,22 +365,22 @@ TEXT_SCALE = 20.0
 SOURCE, TARGET = "a photo of a cat", "a photo of a dog"
 
 
-def _edit_inputs(sd: StableDiffusion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _edit_inputs(sd: ModelFamily) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(1, sd.unet.config.in_channels, 16, 16, generator=generator)  # 128² image
-    text = sd.encode_prompt([SOURCE, TARGET]) * TEXT_SCALE
+    text = sd.encode_prompt([SOURCE, TARGET]).context * TEXT_SCALE
     return latent.repeat(2, 1, 1, 1), torch.tensor([500, 500]), text  # both branches start from z_T
 
 
 @torch.no_grad()
-def test_injection_pulls_the_target_towards_the_source_and_keeps_the_source(sd: StableDiffusion) -> None:
+def test_injection_pulls_the_target_towards_the_source_and_keeps_the_source(sd: ModelFamily) -> None:
     latents, t, text = _edit_inputs(sd)
     plain = sd.unet(latents, t, encoder_hidden_states=text).sample
     alone = sd.unet(latents[:1], t[:1], encoder_hidden_states=text[:1]).sample
     for mode in ("refine", "replace"):
-        p2p = build_p2p(sd.tokenizer, SOURCE, [TARGET], num_steps=1, mode=mode, cross_replace=1.0,
-                        self_replace=1.0)
-        with controlled_attention(sd.unet, p2p):
+        p2p = p2p_plan(sd.tokenizer, SOURCE, [TARGET], 1, mode=mode, cross_replace=1.0,
+                       self_replace=1.0).controller(sd)
+        with sd.attention_control(p2p):
             edited = sd.unet(latents, t, encoder_hidden_states=text).sample
         gap_plain = (plain[1] - plain[0]).abs().mean()
         gap_edited = (edited[1] - edited[0]).abs().mean()
@@ -385,24 +390,25 @@ def test_injection_pulls_the_target_towards_the_source_and_keeps_the_source(sd: 
 
 
 @torch.no_grad()
-def test_cfg_rows_untouched_and_local_blend_on_the_stored_maps(sd: StableDiffusion) -> None:
+def test_cfg_rows_untouched_and_local_blend_on_the_stored_maps(sd: ModelFamily) -> None:
     latents, t, text = _edit_inputs(sd)
-    null = sd.encode_prompt(["", ""]) * TEXT_SCALE
+    null = sd.encode_prompt(["", ""]).context * TEXT_SCALE
     batch, times, context = torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([null, text])
     plain = sd.unet(batch, times, encoder_hidden_states=context).sample
-    p2p = build_p2p(sd.tokenizer, SOURCE, [TARGET], num_steps=1, cross_replace=1.0, self_replace=1.0,
-                    blend_words=[["cat"], ["dog"]], blend_start=0.0, blend_threshold=0.8)
-    store = AttentionStore(levels=(p2p.local_blend.level,))
+    plan = p2p_plan(sd.tokenizer, SOURCE, [TARGET], 1, cross_replace=1.0, self_replace=1.0,
+                    blend_words=["cat", "dog"], blend_start=0.0, blend_threshold=0.8)
+    p2p, local_blend = plan.controller(sd), plan.local_blend(sd)
+    store = AttentionStore(levels=(local_blend.level,))
     chain = ControllerChain([store, p2p])  # the store sees the maps before the edit (SPEC §4)
     chain.conditional_rows = slice(2, 4)  # [uncond source, uncond target, source, target]
-    with controlled_attention(sd.unet, chain):
+    with sd.attention_control(chain):
         edited = sd.unet(batch, times, encoder_hidden_states=context).sample
     torch.testing.assert_close(edited[:2], plain[:2], atol=1e-5, rtol=1e-5)
     assert (edited[3] - plain[3]).abs().max() > 1e-3
 
     stepped = latents + torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-    blended = p2p.local_blend(stepped, store, step=0)
-    masks = p2p.local_blend.masks(store.average(level=p2p.local_blend.level, steps=[0]), (16, 16))
+    blended = local_blend(stepped, store, step=0)
+    masks = local_blend.masks(store.average(level=local_blend.level, steps=[0]), (16, 16))
     mask = (masks[0] | masks[1])[0]  # (16, 16) target ∪ source words
     assert 0 < int(mask.sum()) < mask.numel()  # a real region (a random model's maps are flat: threshold 0.8)
     assert torch.equal(blended[0], stepped[0])

@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from s2edit.runtime import retain_freed_memory
+from s2edit.core.runtime import retain_freed_memory
 
 MIB = 2**20
 

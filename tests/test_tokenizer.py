@@ -10,8 +10,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from editkit.errors import InputError
-from s2edit.models import MODEL_CONFIG_DIR
-from s2edit.tokenizer import (
+from s2edit.core.loading import PRESET_DIR
+from s2edit.core.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     VOCAB_SIZE,
@@ -50,7 +50,7 @@ def tokenizer(cache_dir) -> CLIPTokenizer:
 @pytest.fixture()
 def text_encoder() -> CLIPTextModel:
     """A fresh tiny CLIP text encoder (the `tiny` model's config: real vocabulary, SD1's eos_token_id 2)."""
-    config = json.loads((MODEL_CONFIG_DIR / "tiny" / "text_encoder.json").read_text())
+    config = json.loads((PRESET_DIR / "tiny" / "text_encoder.json").read_text())
     torch.manual_seed(0)
     return CLIPTextModel(CLIPTextConfig.from_dict(config)).eval()
 

@@ -21,10 +21,10 @@ from PIL import Image
 from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train
 from editkit.config import run_main
 from editkit.files import LOCK_FILE
-from s2edit.export import load_export
+from s2edit.training import run as train
+from s2edit.training.export import load_export
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128
@@ -117,7 +117,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_the_resumed_run_exports(workdi
     # what a killed run would have left: the next run that owns out removes it and never reads it
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (tmp / "run" / "checkpoints" / ".last.ckpt.tmp").write_bytes(b"half a checkpoint")
+    (tmp / "run" / "checkpoints" / f".last.ckpt.{dead.pid}-0123abcd.tmp").write_bytes(b"half a checkpoint")
     (tmp / "run" / f".export.tmp-{dead.pid}-x1").mkdir()
 
     resumed = _train(tmp, f"max_steps={interrupted_at + 2}", "resume=true", "image_log_every=1")

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from editkit.files import atomic_path
@@ -57,18 +57,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
-class LastOnException(OnExceptionCheckpoint):
-    """`last.ckpt` also when training stops on an error or Ctrl-C, once there is something to resume.
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint keeping one resumable file, `last.ckpt`: every `every` steps (0: never
+    in between), at the end of training, and when training stops on an error or Ctrl-C once there is
+    something to resume (Lightning's OnExceptionCheckpoint would do that too, but its presence makes
+    every later `fit` resume from the newest checkpoint: a run must resume only when asked).
 
-    Best effort: when the disk is full this save fails too, and the error to report is the first one.
+    The save on an error is best effort: when the disk is full it fails too, and the error to report is
+    the first one.
     """
+
+    def __init__(self, dirpath: str | Path, every: int = 0) -> None:
+        super().__init__(dirpath=dirpath, filename=LAST_CHECKPOINT, save_top_k=0, save_last=True,
+                         enable_version_counter=False, every_n_train_steps=every or None)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         if trainer.lightning_module is None or not trainer.optimizers:
             return
         with contextlib.suppress(OSError):
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(Path(self.dirpath) / f"{LAST_CHECKPOINT}{self.FILE_EXTENSION}")
 
 
 def make_trainer(
@@ -110,12 +118,7 @@ def make_trainer(
     extra: list[L.Callback] = []
     plugins: list[Any] = []
     if checkpoints is not None:
-        extra = [
-            ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, enable_version_counter=False,
-                            every_n_train_steps=checkpoint_every or None),
-            LastOnException(checkpoints, filename=LAST_CHECKPOINT),
-        ]
-        plugins = [AtomicCheckpointIO()]
+        extra, plugins = [LastCheckpoint(checkpoints, checkpoint_every)], [AtomicCheckpointIO()]
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", pattern)
     with quiet_lightning():  # "GPU available: …" on every Trainer would drown the progress bars

@@ -39,6 +39,7 @@ from editkit.files import (
     io_errors,
     refuse_overwriting_inputs,
     remove_temporaries,
+    resolved,
     slug,
 )
 from editkit.images import read_image
@@ -105,7 +106,7 @@ def check_output(cfg: InferConfig, image: str | Path) -> Path:
     files = [out / name for name in output_names(len(cfg.target))]
     refuse_overwriting_inputs("out", out, {"image": image}, files=files,
                               folders=[out / "masks", out / "attention"])
-    if cfg.ckpt is not None and out.resolve().is_relative_to(Path(cfg.ckpt).resolve()):
+    if cfg.ckpt is not None and resolved(out, "out").is_relative_to(resolved(cfg.ckpt, "ckpt")):
         raise InputError(f"out='{out}' lies in the checkpoint folder ckpt='{cfg.ckpt}', which train.py "
                          "replaces as a whole: choose another out=")
     return out

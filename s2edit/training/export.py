@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from editkit.config import check_fields
 from editkit.errors import InputError
-from editkit.files import PICKLE_SUFFIXES, file_sha256, pid_alive, slug
+from editkit.files import PICKLE_SUFFIXES, file_sha256, pid_alive, resolved, slug
 from editkit.images import load_mask, save_mask
 from s2edit.core.family import ModelFamily
 from s2edit.core.loading import load_model
@@ -290,6 +290,8 @@ def read_manifest(path: str | Path) -> ExportManifest:
     if not path.exists():
         _restore_or_refuse(path)
     if not path.exists():
+        if path.is_symlink():
+            resolved(path, "ckpt")  # a loop: one line naming it
         raise InputError(f"checkpoint folder '{path}' does not exist (train.py writes <out>/export)")
     if not path.is_dir():
         raise InputError(f"checkpoint '{path}' is not a folder: pass the export folder written by train.py")
