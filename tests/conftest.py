@@ -80,9 +80,11 @@ def editor(tame_tiny_model):
 
 
 @pytest.fixture(scope="session")
-def image(editor) -> torch.Tensor:
+def image() -> torch.Tensor:
     """examples/chelsea.png at 128² (the editing tests' working size), (1, 3, 128, 128) in [-1, 1]."""
-    return editor.load_image(IMAGE, 128)
+    from editkit.images import load_image
+
+    return load_image(IMAGE, 128)
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +120,17 @@ def make_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         return write_export(tmp_path_factory.mktemp("ckpt"), model, manifest, masks)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def compositional_editor(make_export, tame_tiny_model):
+    """An Editor on an export with [I] (this image's subject, a centred square mask) and [A] (an attribute,
+    its mask drawn on another image: the left stripe), damped tiny model, working size 128."""
+    from s2edit.editing.editor import Editor
+
+    identity, attribute = torch.zeros(2, 128, 128)
+    identity[32:96, 32:96] = 1.0
+    attribute[:, :40] = 1.0
+    tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a dog with [A] stripes", "stripes")]
+    ckpt = make_export(tame_tiny_model(), tokens, [identity, attribute], resolution=128)
+    return Editor.from_export(ckpt, device="cpu", progress=False)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 
+from conftest import ROOT
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
 from s2edit.app import run as app_script

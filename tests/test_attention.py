@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Recorder
 
+from conftest import Recorder
 from s2edit.core.attention import (
     AttentionController,
     AttentionProcessor,

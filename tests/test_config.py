@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONFIG_DIR, ROOT
 
+from conftest import CONFIG_DIR, ROOT
 from editkit.config import explicit_keys, parse_config, run_main
 from editkit.errors import InputError
 from s2edit.core.settings import P2PSettings, VirtualSettings

@@ -289,15 +289,7 @@ def test_refusals_name_the_bad_value(identity_editor, editor) -> None:
 # ----------------------------------------------------------------------------------------- compositional
 
 
-@pytest.fixture(scope="module")
-def compositional_editor(make_export, tame_tiny_model) -> Editor:
-    """An export with [I] (this image's subject) and [A] (an attribute, its mask drawn on another image)."""
-    identity, attribute = torch.zeros(2, RESOLUTION, RESOLUTION)
-    identity[32:96, 32:96] = 1.0
-    attribute[:, :40] = 1.0
-    tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a dog with [A] stripes", "stripes")]
-    ckpt = make_export(tame_tiny_model(), tokens, [identity, attribute], resolution=RESOLUTION)
-    return Editor.from_export(ckpt, device="cpu", progress=False)
+# `compositional_editor` (an export with [I] and [A]) is conftest.py's.
 
 
 def test_editor_resolution_follows_the_export_else_the_native_size(compositional_editor, editor) -> None:

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT
 from PIL import Image
 
+from conftest import ROOT
 from editkit.config import parse_config, run_main
 from editkit.images import load_image
 from s2edit.evaluation import run as evaluate
@@ -426,6 +426,19 @@ def test_placeholders_go_before_the_object_word() -> None:
                                                               "a sunny day"), blend_words=("cat", "tiger"))
     assert tuned_prompts(item, "[I]", "cat") == ("a photo of a [I] cat", [
         "a photo of a [I] tiger", "a [I] cat in the snow", "a sunny day"])
+
+
+def test_item_blend_words_go_where_each_method_blends() -> None:
+    from s2edit.editing.request import EditRequest
+    from s2edit.evaluation.items import item_request
+
+    item = EditItem("x", Path("x.png"), "a photo of a cat", ("a photo of a tiger",),
+                    blend_words=("cat", "tiger"))
+    request = EditRequest()
+    assert item_request(item, request, "p2p", item_blend=True).p2p.blend_words == ["cat", "tiger"]
+    virtual = item_request(item, request, "virtual", item_blend=True).virtual
+    assert (virtual.blend_target, virtual.blend_source) == (["tiger"], [])
+    assert item_request(item, request, "p2p", item_blend=False) is request
 
 
 def test_edit_masks_follow_the_images_resize_and_crop(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 from safetensors import SafetensorError
 from skimage import data as skdata
 
 import s2edit.training.export
+from conftest import ROOT
 from editkit.config import parse_config
 from editkit.errors import InputError
 from editkit.files import describe_io_error, file_sha256

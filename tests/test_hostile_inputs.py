@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import ROOT
 from editkit.config import format_help, parse_config, run_main
 from editkit.errors import InputError
 from editkit.files import LOCK_FILE, OutputLock, file_sha256

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 
+from conftest import ROOT
 from editkit.config import run_main
 from s2edit.core.loading import load_model
 from s2edit.editing import run as infer

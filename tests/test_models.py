@@ -8,10 +8,10 @@ import shutil
 import diffusers
 import pytest
 import torch
-from conftest import ROOT
 from diffusers import PNDMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from conftest import ROOT
 from editkit.errors import InputError
 from s2edit.core.family import ModelFamily
 from s2edit.core.loading import PRESET_DIR, ddim_scheduler, load_model, preset_names, random_model

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Recorder
 from PIL import Image
 from skimage import data as skdata
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import Recorder
 from editkit.config import parse_config
 from s2edit.core.attention import CROSS_SUFFIX, AttentionController, AttentionProcessor, heads_view
 from s2edit.core.trainer import make_trainer

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 import s2edit
+from conftest import ROOT
 
 # floors, lowest first: a module may import its own floor and the ones below it
 FLOORS = ["editkit", "spl", "s2edit.core", "s2edit.training", "s2edit.editing", "s2edit.evaluation",

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import record, tolerance
 from diffusers import LCMScheduler
 
+from conftest import record, tolerance
 from editkit.errors import InputError
 from s2edit.core.attention import AttentionCall, AttentionProcessor, AttentionStore, ControllerChain
 from s2edit.core.diffusion import DDIMSchedule, VirtualSampler
@@ -183,18 +183,13 @@ def test_masks_and_maps_of_a_virtual_edit(editor, image) -> None:
 # ----------------------------------------------------------------------------------------- S2Edit exports
 
 
-@pytest.fixture(scope="module")
-def identity_editor(make_export, tame_tiny_model) -> Editor:
-    identity, attribute = torch.zeros(2, RESOLUTION, RESOLUTION)
-    identity[32:96, 32:96] = 1.0
-    attribute[:, :40] = 1.0
-    tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a dog with [A] stripes", "stripes")]
-    ckpt = make_export(tame_tiny_model(), tokens, [identity, attribute], resolution=RESOLUTION)
-    return Editor.from_export(ckpt, device="cpu", progress=False)
+# `compositional_editor` (an export with [I] and [A]) is conftest.py's.
 
 
-def test_an_export_edited_virtually_keeps_the_spatial_control_of_its_placeholder(identity_editor) -> None:
-    editor = identity_editor
+def test_an_export_edited_virtually_keeps_the_spatial_control_of_its_placeholder(
+    compositional_editor,
+) -> None:
+    editor = compositional_editor
     image = editor.load_image(IMAGE)
     source, target = "a photo of a [I] cat", "a photo of a [I] cat with [A] stripes"
     controlled = editor.edit_virtual(image, source, [target], spl=NO_SPL)

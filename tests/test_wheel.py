@@ -82,8 +82,8 @@ def test_the_wheel_is_what_runs_and_ships_the_presets(installed) -> None:
 def test_fine_tune_and_edit_from_the_wheel(installed) -> None:
     python, env, work = installed
     bin_ = python.parent
-    run([str(bin_ / "s2edit-train"), "model=tiny", "image=cat.png", "prompt=a photo of a [I] cat", "object=cat",
-         "resolution=64", "max_steps=2", "image_log_every=0", "out=run"], work, env)
+    run([str(bin_ / "s2edit-train"), "model=tiny", "image=cat.png", "prompt=a photo of a [I] cat",
+         "object=cat", "resolution=64", "max_steps=2", "image_log_every=0", "out=run"], work, env)
     assert (work / "run" / "export" / "manifest.json").is_file()
     run([str(python), "-m", "s2edit.infer", "ckpt=run/export", "target=a photo of a [I] cat in the snow",
          "inversion=direct", "steps=3", "spl.iterations=2", "out=edit"], work, env)
@@ -101,7 +101,8 @@ def test_python_m_spl_from_the_wheel(installed) -> None:
 
 def test_one_item_evaluation_from_the_wheel(installed) -> None:
     python, env, work = installed
-    record = {"id": "cat-tiger", "image": "cat.png", "source": "a photo of a cat", "target": "a photo of a tiger"}
+    record = {"id": "cat-tiger", "image": "cat.png", "source": "a photo of a cat",
+              "target": "a photo of a tiger"}
     (work / "data.jsonl").write_text(json.dumps(record) + "\n")
     run([str(python.parent / "s2edit-evaluate"), "data=data.jsonl", "model=tiny", "resolution=64",
          "virtual.steps=2", "spl.iterations=2", "progress=false", "out=eval"], work, env)

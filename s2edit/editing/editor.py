@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from editkit.errors import InputError
-from editkit.images import check_image_tensor, load_image, load_mask
-from s2edit.core.attention import AttentionStore, ColumnMask, ControllerChain, SpatialControl
+from editkit.images import check_image_tensor, load_image
 from s2edit.core.engine import (
     CallbackHook,
     DenoisingRun,
@@ -47,9 +45,9 @@ from s2edit.core.runtime import resolve_device, resolve_dtype
 from s2edit.core.settings import DEFAULT_MODEL, MaskSettings, P2PSettings, SPLSettings, VirtualSettings
 from s2edit.editing.cache import PlaceholderMask, load_or_invert, weights_fingerprint
 from s2edit.editing.inversion import Inversion
-from s2edit.editing.maps import attention_maps, loss_masks, preservation_masks
+from s2edit.editing.maps import attention_maps, loss_mask_pair, plan_masks
 from s2edit.editing.methods import edit_method
-from s2edit.editing.plan import EditPlan, Placeholder, plan_edit
+from s2edit.editing.plan import EditPlan, Placeholder, export_placeholders, plan_edit
 from s2edit.editing.request import EditRequest, InversionRequest
 from s2edit.editing.result import EditResult, edit_metrics
 from s2edit.training.export import load_export
@@ -74,16 +72,9 @@ class Editor:
     every run builds its own controllers, schedules and stores.
     """
 
-    def __init__(
-        self,
-        model: ModelFamily,
-        placeholders: Sequence[Placeholder] = (),
-        weights: str | None = None,
-        cache_dir: str | Path | None = None,
-        renormalize: bool = False,
-        progress: bool = True,
-        resolution: int | None = None,
-    ) -> None:
+    def __init__(self, model: ModelFamily, placeholders: Sequence[Placeholder] = (),
+                 weights: str | None = None, cache_dir: str | Path | None = None, renormalize: bool = False,
+                 progress: bool = True, resolution: int | None = None) -> None:
         self.model = model
         self.resolution = resolution or model.native_resolution
         self.placeholders = list(placeholders)
@@ -102,15 +93,8 @@ class Editor:
         """Load an export folder of train.py; inversions are cached in `<path>/cache` by default."""
         torch_device = resolve_device(device)
         model, manifest = load_export(path, torch_device, resolve_dtype(precision, torch_device), base_model)
-        placeholders = []
-        for token in manifest.tokens:
-            mask_file = Path(path) / token.mask
-            with Image.open(mask_file) as image:
-                size = (image.height, image.width)
-            placeholders.append(Placeholder(token.placeholder, load_mask(mask_file, size), token.prompt,
-                                            token.image))
         return cls(
-            model, placeholders, weights=manifest.weights_sha256,
+            model, export_placeholders(path, manifest), weights=manifest.weights_sha256,
             cache_dir=Path(path) / "cache" if cache_dir is None else cache_dir,
             renormalize=bool(manifest.config.get("spatial", {}).get("renormalize", False)),
             progress=progress, resolution=manifest.resolution,
@@ -252,20 +236,6 @@ class Editor:
         with torch.no_grad():
             return self.model.decode_latents(latents.to(self.model.vae.dtype)).float()
 
-    def spatial_columns(self, plan: EditPlan, rows_of_prompt: Callable[[int], Sequence[int]]
-                        ) -> list[ColumnMask]:
-        """Spatial-control columns of the plan's placeholders, at the conditional rows of each prompt row."""
-        masks = {p.text: p.mask for p in self.placeholders if p.mask is not None}
-        return [ColumnMask(row, column.position, masks[column.placeholder])
-                for column in plan.spatial if column.placeholder in masks
-                for row in rows_of_prompt(column.row)]
-
-    def controller_chain(self, store: AttentionStore, plan: EditPlan, columns: Sequence[ColumnMask],
-                         unconditional: Sequence[tuple[int, torch.Tensor]] = ()) -> ControllerChain:
-        """Spatial control, then the store (maps before any edit), then the method's attention control."""
-        return ControllerChain([SpatialControl(columns, self.renormalize, unconditional), store,
-                                plan.controller(self.model)])
-
     # ------------------------------------------------------------------------------------ the pipeline
 
     def run_plan(self, plan: EditPlan, make_run: Callable[[], DenoisingRun], source_image: torch.Tensor,
@@ -291,8 +261,8 @@ class Editor:
 
             def loop_masks(state: StepState, decoded: torch.Tensor) -> tuple[Any, Any]:
                 if plan.masks.wanted and not masks:  # in_loop: the maps so far, this step's x̂0 as guide
-                    masks.update(self._masks(plan, run.store, state.step, source_image, decoded))
-                return self._loss_masks(plan, masks)
+                    masks.update(plan_masks(plan, run.store, state.step, source_image, decoded))
+                return loss_mask_pair(plan, masks)
 
             spl_hook = SPLHook(plan.spl_steps(), round_trip, refine_settings, self.decode, self.encode,
                                loop_masks)
@@ -313,8 +283,8 @@ class Editor:
             # 5. Masks of this run (it is the loss-free preview when SPL never acted in the loop)
             mask_start = time.perf_counter()
             if plan.masks.wanted and not masks:
-                masks.update(self._masks(plan, run.store, None, source_image, raw))
-            loss_masks = self._loss_masks(plan, masks)
+                masks.update(plan_masks(plan, run.store, None, source_image, raw))
+            loss_masks = loss_mask_pair(plan, masks)
             timings["masks"] = time.perf_counter() - mask_start
 
             # 6. Post-processing against the input image
@@ -352,27 +322,9 @@ class Editor:
             preview = make_run()
             state = denoise(self.model, preview, [ProgressHook(plan.steps, "preview", self.progress)])
             decoded = self.decode(preview.sampler.result(state.latents, state.x0)[preview.target_rows])
-            masks = self._masks(plan, preview.store, None, source_image, decoded)
+            masks = plan_masks(plan, preview.store, None, source_image, decoded)
         timings["preview"] = time.perf_counter() - start
         return masks
-
-    def _masks(self, plan: EditPlan, store: AttentionStore, until: int | None, source_image: torch.Tensor,
-               target_guides: torch.Tensor) -> dict[str, torch.Tensor]:
-        """SPEC §6 masks from a run's stored maps (all steps, or those ≤ `until`) and target guides."""
-        maps = store.average(until=until)[: len(plan.prompts)]  # (1 + n, h, w, K)
-        return preservation_masks(maps, plan.mask_source_positions, plan.mask_target_positions, source_image,
-                                  target_guides, plan.masks)
-
-    @staticmethod
-    def _loss_masks(plan: EditPlan, masks: dict[str, torch.Tensor]
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(structure, color) loss masks (n, 1, H, W) of the areas set to `masked`, else None."""
-        if not masks:
-            return None, None
-        batch = loss_masks(masks, plan.n_targets)
-        structure = batch if plan.spl.structure_area == "masked" else None
-        color = batch if plan.spl.color_area == "masked" else None
-        return structure, color
 
 
 def _given(**settings: Any) -> dict[str, Any]:

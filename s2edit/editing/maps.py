@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from s2edit.core.attention import AttentionStore
 from s2edit.core.settings import MaskSettings
 from spl.masks import binarize_attention, upsample_mask
+
+if TYPE_CHECKING:
+    from s2edit.editing.plan import EditPlan
 
 WORD_PATTERN = re.compile(r"\[[^\]\s]+\]|[\w'-]+")  # words of a prompt for attention maps; keeps "[I]"
 
@@ -91,3 +96,23 @@ def preservation_masks(
 def loss_masks(masks: dict[str, torch.Tensor], n_targets: int) -> torch.Tensor:
     """The final masks of the targets as one (n, 1, H, W) batch for `spl.refine`."""
     return torch.stack([masks[f"mask_{k}"] for k in range(n_targets)])[:, None]
+
+
+def plan_masks(plan: EditPlan, store: AttentionStore, until: int | None, source_image: torch.Tensor,
+               target_guides: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SPEC §6 masks of an edit from a run's stored maps (all steps, or those ≤ `until`) and the target
+    guides (n, 3, H, W)."""
+    maps = store.average(until=until)[: len(plan.prompts)]  # (1 + n, h, w, K)
+    return preservation_masks(maps, plan.mask_source_positions, plan.mask_target_positions, source_image,
+                              target_guides, plan.masks)
+
+
+def loss_mask_pair(plan: EditPlan, masks: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(structure, color) loss masks (n, 1, H, W) of the preservation areas set to `masked`, else None."""
+    if not masks:
+        return None, None
+    batch = loss_masks(masks, plan.n_targets)
+    structure = batch if plan.spl.structure_area == "masked" else None
+    color = batch if plan.spl.color_area == "masked" else None
+    return structure, color

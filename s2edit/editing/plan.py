@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 
 from editkit.errors import InputError
+from editkit.images import load_mask
 from s2edit.core.attention import AttentionController
 from s2edit.core.engine import LocalBlend
 from s2edit.core.family import ModelFamily
@@ -29,6 +32,9 @@ from s2edit.core.tokenizer import token_ids, word_token_indices
 from s2edit.editing.maps import map_words
 from s2edit.editing.methods import METHODS, edit_method
 from s2edit.editing.request import EditRequest, choose_method
+
+if TYPE_CHECKING:
+    from s2edit.training.export import ExportManifest
 
 
 @dataclass
@@ -41,6 +47,18 @@ class Placeholder:
     mask: torch.Tensor | None = None  # (H, W) in [0, 1], any resolution (resized to each layer)
     prompt: str = ""  # P̃ it was learned with
     image: str = ""  # the image it was learned from
+
+
+def export_placeholders(folder: str | Path, manifest: ExportManifest) -> list[Placeholder]:
+    """The learned tokens of an export folder, each with its object mask at the mask file's own size."""
+    placeholders = []
+    for token in manifest.tokens:
+        mask_file = Path(folder) / token.mask
+        with Image.open(mask_file) as image:
+            size = (image.height, image.width)
+        mask = load_mask(mask_file, size)
+        placeholders.append(Placeholder(token.placeholder, mask, token.prompt, token.image))
+    return placeholders
 
 
 @dataclass(frozen=True)

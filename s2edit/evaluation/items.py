@@ -11,7 +11,6 @@ item's seed is a stable hash of the item id and the base seed (:func:`item_seed`
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 from editkit.errors import InputError
 from editkit.files import slug
 from editkit.images import cover_crop
+from s2edit.editing.methods import edit_method
 from s2edit.editing.request import EditRequest
 from s2edit.evaluation.datasets import EditItem
 
@@ -112,16 +112,11 @@ def tuned_prompts(item: EditItem, placeholder: str, word: str) -> tuple[str, lis
 
 
 def item_request(item: EditItem, request: EditRequest, method: str, item_blend: bool) -> EditRequest:
-    """The edit request of one item: the run's, with the item's blend words when `item_blend` (p2p:
-    p2p.blend_words = [source, target]; virtual: virtual.blend_target = [target])."""
+    """The edit request of one item: the run's, with LocalBlend on the item's blend words when
+    `item_blend` (as the method blends: :meth:`~s2edit.editing.methods.base.EditMethod.with_blend_words`)."""
     if not item_blend or item.blend_words is None:
         return request
-    source_word, target_word = item.blend_words
-    if method == "p2p":
-        return dataclasses.replace(request, p2p=dataclasses.replace(request.p2p, blend_words=[source_word,
-                                                                                              target_word]))
-    virtual = dataclasses.replace(request.virtual, blend_target=[target_word])
-    return dataclasses.replace(request, virtual=virtual)
+    return edit_method(method).with_blend_words(request, *item.blend_words)
 
 
 def check_items(

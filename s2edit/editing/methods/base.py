@@ -10,12 +10,18 @@ body (:meth:`s2edit.editing.editor.Editor.run_plan`).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from s2edit.core.attention import AttentionController
+from s2edit.core.attention import (
+    AttentionController,
+    AttentionStore,
+    ColumnMask,
+    ControllerChain,
+    SpatialControl,
+)
 from s2edit.core.engine import LocalBlend, StepCallback
 from s2edit.core.family import ModelFamily
 
@@ -55,6 +61,10 @@ class EditMethod(abc.ABC):
         """The method's LocalBlend of one run, or None when no blend words are given."""
 
     @abc.abstractmethod
+    def with_blend_words(self, request: EditRequest, source_word: str, target_word: str) -> EditRequest:
+        """`request` with LocalBlend on an edit of `source_word` into `target_word` (a dataset item's)."""
+
+    @abc.abstractmethod
     def edit(
         self,
         editor: Editor,
@@ -65,3 +75,22 @@ class EditMethod(abc.ABC):
         callback: StepCallback | None = None,
     ) -> EditResult:
         """Edit `image` ((1, 3, H, W) in [-1, 1], at the working size) as `plan` says."""
+
+    # ------------------------------------------------------------------------------------ shared by methods
+
+    @staticmethod
+    def spatial_columns(editor: Editor, plan: EditPlan, rows_of_prompt: Callable[[int], Sequence[int]]
+                        ) -> list[ColumnMask]:
+        """Spatial control (S2Edit Eq. 3) of the plan's placeholders that have a mask, at the conditional
+        rows `rows_of_prompt(k)` that prompt k of the plan (0 = source) conditions."""
+        masks = {p.text: p.mask for p in editor.placeholders if p.mask is not None}
+        return [ColumnMask(row, column.position, masks[column.placeholder])
+                for column in plan.spatial if column.placeholder in masks
+                for row in rows_of_prompt(column.row)]
+
+    @staticmethod
+    def controller_chain(editor: Editor, store: AttentionStore, plan: EditPlan, columns: Sequence[ColumnMask],
+                         unconditional: Sequence[tuple[int, torch.Tensor]] = ()) -> ControllerChain:
+        """Spatial control, then the store (maps before any edit), then the method's attention control."""
+        return ControllerChain([SpatialControl(columns, editor.renormalize, unconditional), store,
+                                plan.controller(editor.model)])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -360,6 +360,10 @@ class PromptToPromptMethod(EditMethod):
         return LocalBlend(plan.tables.blend, plan.steps, model.mask_level, settings.blend_threshold,
                           settings.blend_start)
 
+    def with_blend_words(self, request: EditRequest, source_word: str, target_word: str) -> EditRequest:
+        """P2P's LocalBlend keeps the regions of both words' maps (the union of the two masks)."""
+        return replace(request, p2p=replace(request.p2p, blend_words=[source_word, target_word]))
+
     def edit(self, editor: Editor, image: torch.Tensor, plan: EditPlan, *, seed: int = 0,
              callback: StepCallback | None = None) -> EditResult:
         """Invert `image` under the source prompt (cached), then edit the inversion."""
@@ -383,9 +387,9 @@ class PromptToPromptMethod(EditMethod):
         n_rows = 1 + plan.n_targets
         columns, unconditional = [], []
         if plan.request.spatial_control:
-            columns = editor.spatial_columns(plan, lambda r: [r])
+            columns = self.spatial_columns(editor, plan, lambda r: [r])
             if inversion.null_is_prompt:  # ∅ = P̃: its placeholders are controlled as in the inversion
-                source_columns = editor.spatial_columns(plan, lambda r: [0] if r == 0 else [])
+                source_columns = self.spatial_columns(editor, plan, lambda r: [0] if r == 0 else [])
                 unconditional = [(c.token, c.mask) for c in source_columns]
         schedule = DDIMSchedule.from_scheduler(model.scheduler, plan.steps)
 
@@ -401,7 +405,7 @@ class PromptToPromptMethod(EditMethod):
                 cond=model.encode_prompt(plan.prompts).float(),
                 uncond=lambda i: inversion.null(i).to(device).expand(n_rows),
                 guidance=torch.full((n_rows,), float(inversion.guidance)),
-                controller=editor.controller_chain(store, plan, columns, unconditional),
+                controller=self.controller_chain(editor, store, plan, columns, unconditional),
                 store=store,
                 source_row=0,
                 target_rows=list(range(1, n_rows)),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -259,6 +259,10 @@ class VirtualMethod(EditMethod):
         return VirtualLocalBlend(plan.steps, target, source, both, model.mask_level, settings.thresh_e,
                                  settings.thresh_m)
 
+    def with_blend_words(self, request: EditRequest, source_word: str, target_word: str) -> EditRequest:
+        """InfEdit's LocalBlend: the target word's region follows the target, the rest the mutual branch."""
+        return replace(request, virtual=replace(request.virtual, blend_target=[target_word]))
+
     def edit(self, editor: Editor, image: torch.Tensor, plan: EditPlan, *, seed: int = 0,
              callback: StepCallback | None = None) -> EditResult:
         """Branches from one seeded noise: the same seed gives the same edit on any device."""
@@ -278,7 +282,7 @@ class VirtualMethod(EditMethod):
         )
         columns = []
         if plan.request.spatial_control:  # prompt row 0 is both S and M; "" has no placeholder
-            columns = editor.spatial_columns(plan, lambda r: [0, n_rows - 1] if r == 0 else [r])
+            columns = self.spatial_columns(editor, plan, lambda r: [0, n_rows - 1] if r == 0 else [r])
 
         def make_run() -> DenoisingRun:
             generator = torch.Generator().manual_seed(seed)
@@ -293,7 +297,7 @@ class VirtualMethod(EditMethod):
                 cond=cond,
                 uncond=lambda i: empty,
                 guidance=guidance,
-                controller=editor.controller_chain(store, plan, columns),
+                controller=self.controller_chain(editor, store, plan, columns),
                 store=store,
                 source_row=0,
                 target_rows=list(range(1, n_rows - 1)),
