@@ -124,7 +124,9 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory, lpips_backbone: Path) 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text('{"id": "half-writ')
     (folder / "stale.png").write_bytes(b"not a png")
-    code, stderr = evaluate_in_process(argv)
+    with pytest.warns(UserWarning, match=r"took over the lock .* of a run that is no longer running") as lock:
+        code, stderr = evaluate_in_process(argv)
+    assert len(lock) == 1 and f"pid {process.pid} " in str(lock[0].message)
     return {"out": out, "done": done, "snapshot": snapshot, "victim": victim, "code": code,
             "stderr": stderr, "items": items}
 
