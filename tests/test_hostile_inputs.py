@@ -1,4 +1,4 @@
-"""Hostile inputs through every entry point (GitHub issue #11): train.py, infer.py, python -m spl and the
+"""Hostile inputs through every entry point: train.py, infer.py, python -m spl and the
 Python API.
 
 Every row of the table is refused with exit code 2 and exactly one stderr line `error: …` naming the bad

@@ -157,7 +157,7 @@ def test_checkpoint_run_defaults_to_its_image_and_prompt_and_caches_beside_it(
 
 
 def test_virtual_method_writes_edit_masks_maps_and_report(tmp_path, capsys) -> None:
-    """The issue's command: a training-free edit by virtual inversion (SPEC §9), no inversion, seconds."""
+    """A training-free edit by virtual inversion (SPEC §9), no inversion, seconds."""
     out = tmp_path / "edit"
     argv = [
         "model=tiny", f"image={IMAGE}", "source=a photo of a cat", "target=a photo of a tiger",
