@@ -47,6 +47,34 @@ class Recorder(AttentionController):
         return probs
 
 
+class MapLog(AttentionController):
+    """Every cross-attention call's head-averaged maps (conditional rows) at one level, in call order: the
+    brute-force reference of AttentionStore."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+        self.calls: list[tuple[int, str, torch.Tensor]] = []  # (step, layer, (rows, h, w, K))
+
+    def wants(self, is_cross: bool, level: int) -> bool:
+        return is_cross and level == self.level
+
+    def reads_probs(self, call: AttentionCall) -> bool:
+        return call.is_cross and call.level == self.level
+
+    def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        if self.reads_probs(call):
+            maps = probs.view(-1, call.heads, *probs.shape[1:])
+            maps = maps[list(self.rows(maps.shape[0]))].mean(dim=1)
+            maps = maps.detach().float().reshape(maps.shape[0], *call.size, -1)
+            self.calls.append((self.step, call.name, maps))
+        return probs
+
+    def mean(self) -> torch.Tensor:
+        """Mean over every recorded call (rows, h, w, K)."""
+        return torch.stack([maps for *_, maps in self.calls]).mean(dim=0)
+
+
 def record(attribute: str, into: list) -> Callable[[StepState], None]:
     """A step callback that keeps a copy of `state.<attribute>` after every step."""
 

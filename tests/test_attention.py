@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import Recorder
+from conftest import MapLog, Recorder
 from s2edit.core.attention import (
     AttentionController,
     AttentionProcessor,
@@ -15,6 +15,7 @@ from s2edit.core.attention import (
     ControllerChain,
     SpatialControl,
     grid_size,
+    stored_map_bytes,
     unet_attention_layers,
 )
 from s2edit.core.family import ModelFamily
@@ -109,28 +110,47 @@ def test_spatial_control_changes_the_output_and_can_renormalise(sd: ModelFamily)
 
 
 @torch.no_grad()
-def test_attention_store_levels_rows_and_steps(sd: ModelFamily) -> None:
+def test_attention_store_averages_levels_rows_and_steps_in_constant_memory(sd: ModelFamily) -> None:
     latents, t, text = _inputs(sd)
     batch = torch.cat([latents, latents])
-    store = AttentionStore(levels=(4,))
-    store.conditional_rows = slice(2, 4)  # CFG layout: [uncond, uncond, cond, cond]
-    with sd.attention_control(store, cross_only=True):
+    store, log = AttentionStore(levels=(4,)), MapLog(level=4)
+    chain = ControllerChain([store, log])
+    chain.conditional_rows = slice(2, 4)  # CFG layout: [uncond, uncond, cond, cond]
+    sizes = []
+    with sd.attention_control(chain, cross_only=True):
         for step in range(3):
-            store.step = step
+            chain.step = step
             sd.unet(batch, torch.cat([t, t]), encoder_hidden_states=torch.cat([text, text]))
-    assert sorted(store.maps) == [0, 1, 2]
-    level4 = [n for n, lv in store.layer_levels.items() if lv == 4]
-    assert level4 and all(n.startswith(("down", "up")) for n in level4)
+            sizes.append(store.stored_bytes())
+    layers = sd.attention_layers()
+    level4 = {name for name, layer in layers.items() if layer.is_cross and layer.level == 4}
+    assert len(level4) >= 2 and {name for _, name, _ in log.calls} == level4  # down and up layers
+    assert store.counts == {4: 3 * len(level4)}
     maps = store.average(level=4)
     assert maps.shape == (2, 4, 4, text.shape[1])  # conditional rows only, 16/4 = 4
+    torch.testing.assert_close(maps, log.mean(), atol=1e-6, rtol=1e-5)  # the brute-force mean of every map
     assert torch.equal(store.average(), maps)  # the default level is the store's (the model's mask level)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 4))  # head/layer means keep rows stochastic
-    only_first = store.average(level=4, steps=[0])
-    torch.testing.assert_close(only_first, maps, atol=1e-6, rtol=1e-5)  # same inputs every step
+    # one running sum per level: the same memory after every step, exactly what stored_map_bytes says
+    expected = stored_map_bytes(layers, (16, 16), (4,), rows=2, tokens=text.shape[1])
+    assert sizes == [expected] * 3
     with pytest.raises(ValueError, match="level 2"):
         store.average(level=2)
     store.reset()
-    assert store.maps == {} and store.step == 0
+    assert store.sums == {} and store.counts == {} and store.step == 0
+
+
+@torch.no_grad()
+def test_a_layer_recomputed_within_a_step_counts_once(sd: ModelFamily) -> None:
+    """Gradient checkpointing re-runs the forward in backward: the store must not count it twice."""
+    latents, t, text = _inputs(sd)
+    once, twice = AttentionStore(levels=(4,)), AttentionStore(levels=(4,))
+    with sd.attention_control(once, cross_only=True):
+        sd.unet(latents, t, encoder_hidden_states=text)
+    with sd.attention_control(twice, cross_only=True):
+        sd.unet(latents, t, encoder_hidden_states=text)
+        sd.unet(latents, t, encoder_hidden_states=text)  # same step
+    assert twice.counts == once.counts and torch.equal(twice.average(), once.average())
 
 
 def test_store_keeps_the_graph_for_training_losses(sd: ModelFamily) -> None:

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import MapLog
 from editkit.errors import InputError
 from editkit.images import load_image
-from s2edit.core.attention import AttentionStore
 from s2edit.core.family import ModelFamily
 from s2edit.core.loading import load_model
 from s2edit.core.tokenizer import word_token_indices
@@ -42,17 +42,17 @@ def test_attention_map_is_the_mean_of_the_word_columns_over_layers_and_timesteps
     attention = object_attention_map(sd, latents, PROMPT, "woman", timesteps, seed=3)
     # recompute by hand: same noise, each timestep, every level-4 cross-attention layer
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
-    store = AttentionStore(levels=(sd.mask_level,))
-    with torch.no_grad(), sd.attention_control(store, cross_only=True):
+    log = MapLog(level=sd.mask_level)
+    with torch.no_grad(), sd.attention_control(log, cross_only=True):
         embeds = sd.encode_prompt([PROMPT]).context
         for step, t in enumerate(timesteps):
-            store.step = step
+            log.step = step
             noisy = sd.scheduler.add_noise(latents, noise, torch.tensor([t]))
             sd.unet(noisy, t, encoder_hidden_states=embeds)
-    layers = [m for per_step in store.maps.values() for m in per_step.values()]
-    assert len(layers) == len(timesteps) * len(store.maps[0]) and len(store.maps[0]) >= 2  # down + up
+    layers = {name for _, name, _ in log.calls}
+    assert len(log.calls) == len(timesteps) * len(layers) and len(layers) >= 2  # down + up
     position = word_token_indices(sd.tokenizer, PROMPT, "woman")
-    by_hand = torch.stack(layers).mean(0)[0, :, :, position].mean(-1)
+    by_hand = log.mean()[0, :, :, position].mean(-1)
     torch.testing.assert_close(attention, by_hand / by_hand.max())
     latent_h, latent_w = latents.shape[-2:]
     assert sd.mask_level == 4 and attention.shape == (latent_h // 4, latent_w // 4)

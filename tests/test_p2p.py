@@ -290,8 +290,9 @@ def test_the_reweight_table_marks_the_word_tokens(tokenizer) -> None:
 
 def _store_with(maps: torch.Tensor, step: int) -> AttentionStore:
     store = AttentionStore(levels=(4,))
-    store.maps = {step: {"down": maps, "up": maps}}
-    store.layer_levels = {"down": 4, "up": 4}
+    store.step = step
+    store.add(4, maps)  # a down and an up layer with the same maps
+    store.add(4, maps)
     return store
 
 
@@ -327,8 +328,8 @@ def test_local_blend_reads_the_maps_summed_over_all_steps_so_far() -> None:
     first[1, 0, 0, 2] = 1.0  # step 0: the target word attends to the top-left cell
     second[1, 3, 3, 2] = 1.0  # step 1: to the bottom-right cell
     store = AttentionStore(levels=(4,))
-    store.maps = {0: {"down": first}, 1: {"down": second}}
-    store.layer_levels = {"down": 4}
+    store.add(4, first)  # step 0
+    store.add(4, second)  # step 1
     latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     out = blend(latents, store, step=1)
     # sum of both steps → 3×3 max-pool → nearest ×2: two 4×4 blocks (P2P's mask from the summed store);
@@ -337,7 +338,9 @@ def test_local_blend_reads_the_maps_summed_over_all_steps_so_far() -> None:
     expected[0:4, 0:4] = expected[4:8, 4:8] = True
     torch.testing.assert_close(out[1][:, expected], latents[1][:, expected])
     assert torch.equal(out[1][:, ~expected], latents[0][:, ~expected])
-    assert torch.equal(blend(latents, store, step=0)[1][:, 4:8, 4:8], latents[0][:, 4:8, 4:8])  # step 0 only
+    at_step_0 = AttentionStore(levels=(4,))  # what the store held after step 0: the top-left block only
+    at_step_0.add(4, first)
+    assert torch.equal(blend(latents, at_step_0, step=0)[1][:, 4:8, 4:8], latents[0][:, 4:8, 4:8])
 
 
 def test_local_blend_marks_the_words_of_each_prompt(tokenizer, sd) -> None:
@@ -408,7 +411,7 @@ def test_cfg_rows_untouched_and_local_blend_on_the_stored_maps(sd: ModelFamily) 
 
     stepped = latents + torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     blended = local_blend(stepped, store, step=0)
-    masks = local_blend.masks(store.average(level=local_blend.level, steps=[0]), (16, 16))
+    masks = local_blend.masks(store.average(level=local_blend.level), (16, 16))
     mask = (masks[0] | masks[1])[0]  # (16, 16) target ∪ source words
     assert 0 < int(mask.sum()) < mask.numel()  # a real region (a random model's maps are flat: threshold 0.8)
     assert torch.equal(blended[0], stepped[0])

@@ -218,7 +218,8 @@ def test_virtual_local_blend_masks_on_synthetic_maps() -> None:
     maps[1, 0, 0, 2] = 1.0  # the target word: top-left
     maps[0, 1, 1, 4] = 1.0  # the source word: bottom-right
     store = AttentionStore(levels=(4,))
-    store.maps, store.layer_levels = {0: {"l": maps}, 1: {"l": maps}}, {"l": 4}
+    store.add(4, maps)  # steps 0 and 1, the same maps
+    store.add(4, maps)
     latents = torch.arange(3.0)[:, None, None, None].expand(3, 1, 4, 4).clone()  # S = 0, T = 1, M = 2
     out = blend(latents, store, step=1, alpha=0.5)
     expected = torch.full((4, 4), 2.0)  # outside the target word's region T follows M

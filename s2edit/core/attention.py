@@ -275,28 +275,39 @@ def controlled_attention(
 
 
 class AttentionStore(AttentionController):
-    """Record head-averaged cross-attention maps of chosen levels, per step and layer.
+    """Accumulate head-averaged cross-attention maps of chosen levels over layers and steps.
 
-    `maps[step][layer]` is (rows, h, w, K). With `detach=False` the graph is kept (for attention losses
-    in training); otherwise maps are detached and stored in float32.
+    Every reader wants the mean over the layers of one level and over all steps recorded so far (masks,
+    LocalBlend, saved word maps, L_attn), so the store keeps ONE running sum per level, (rows, h, w, K),
+    added to in call order (step by step, layer by layer): its memory grows with neither the steps nor
+    the layers (:func:`stored_map_bytes`). A layer called again within the same step (gradient
+    checkpointing recomputes the forward) is counted once. With `detach=False` the graph is kept (for
+    attention losses in training); otherwise maps are detached and summed in float32.
     """
 
     def __init__(self, levels: Sequence[int], detach: bool = True) -> None:
         super().__init__()
         self.levels = tuple(levels)
         self.detach = detach
-        self.maps: dict[int, dict[str, torch.Tensor]] = {}
-        self.layer_levels: dict[str, int] = {}
+        self.sums: dict[int, torch.Tensor] = {}  # level → Σ over recorded (step, layer) of (rows, h, w, K)
+        self.counts: dict[int, int] = {}  # level → recorded (step, layer) pairs
+        self._recorded: set[tuple[int, str]] = set()
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        if call.is_cross and call.level in self.levels:
+        if call.is_cross and call.level in self.levels and (self.step, call.name) not in self._recorded:
             maps = heads_view(probs, call.heads)
             maps = maps[list(self.rows(maps.shape[0]))].mean(dim=1)  # (rows, Q, K)
-            if self.detach:
-                maps = maps.detach().float()
-            self.maps.setdefault(self.step, {})[call.name] = maps.reshape(maps.shape[0], *call.size, -1)
-            self.layer_levels[call.name] = call.level
+            self.add(call.level, maps.reshape(maps.shape[0], *call.size, -1))
+            self._recorded.add((self.step, call.name))
         return probs
+
+    def add(self, level: int, maps: torch.Tensor) -> None:
+        """Record one layer's head-averaged maps (rows, h, w, K) at `level`."""
+        if self.detach:
+            maps = maps.detach().float()
+        total = self.sums.get(level)
+        self.sums[level] = maps if total is None else total + maps
+        self.counts[level] = self.counts.get(level, 0) + 1
 
     def wants(self, is_cross: bool, level: int) -> bool:
         return is_cross and level in self.levels
@@ -306,22 +317,30 @@ class AttentionStore(AttentionController):
 
     def reset(self) -> None:
         super().reset()
-        self.maps = {}
+        self.sums, self.counts, self._recorded = {}, {}, set()
 
-    def average(
-        self, level: int | None = None, steps: Sequence[int] | None = None, until: int | None = None
-    ) -> torch.Tensor:
-        """Mean over heads (already), layers of `level` (default: the first stored level; down and up)
-        and `steps` (default: all stored steps; `until=i`: the stored steps ≤ i, i.e. everything so far at
-        step i): (rows, h, w, K)."""
+    def average(self, level: int | None = None) -> torch.Tensor:
+        """Mean over heads (already), the layers of `level` (default: the first stored level; down and
+        up) and every step recorded since the last reset: (rows, h, w, K)."""
         level = self.levels[0] if level is None else level
-        if steps is None:
-            steps = [s for s in sorted(self.maps) if until is None or s <= until]
-        chosen = [self.maps[s] for s in steps]
-        maps = [m for per_step in chosen for name, m in per_step.items() if self.layer_levels[name] == level]
-        if not maps:
+        if level not in self.sums:
             raise ValueError(f"no stored cross-attention maps at level {level} (stored levels {self.levels})")
-        return torch.stack(maps).mean(dim=0)
+        return self.sums[level] / self.counts[level]
+
+    def stored_bytes(self) -> int:
+        """Bytes of maps the store holds now."""
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+
+def stored_map_bytes(layers: Mapping[str, AttentionLayer], latent_size: tuple[int, int],
+                     levels: Sequence[int], rows: int, tokens: int, bytes_per_value: int = 4) -> int:
+    """What an :class:`AttentionStore` of `levels` holds for a run on a latent of `latent_size` with `rows`
+    conditional rows and `tokens` text tokens: one (rows, h, w, tokens) sum per level that has
+    cross-attention layers, whatever the number of layers and steps."""
+    height, width = latent_size
+    present = {layer.level for layer in layers.values() if layer.is_cross and layer.level in levels}
+    return sum(rows * math.ceil(height / level) * math.ceil(width / level) * tokens * bytes_per_value
+               for level in present)
 
 
 @dataclass

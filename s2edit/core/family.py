@@ -28,7 +28,7 @@ import torch
 
 from s2edit.core.attention import AttentionController, AttentionLayer, controlled_attention
 from s2edit.core.diffusion import to_epsilon
-from s2edit.core.tokenizer import add_placeholder_token, token_ids, word_token_indices
+from s2edit.core.tokenizer import EOS_TOKEN, add_placeholder_token, token_ids, word_token_indices
 
 IMAGE_PER_MASK_SIDE = 32  # masks, LocalBlend and saved maps use the layers of side image/32 (SPEC §4, §10)
 
@@ -117,6 +117,15 @@ class ModelFamily(abc.ABC):
 
     name: ClassVar[str]  # "sd1", "sd2", …
     default_model: ClassVar[str]  # the hub id that stands for the family
+    label: ClassVar[str] = "Stable Diffusion"  # how messages name it
+    # transformers class of each text encoder, in order (the folders text_encoder, text_encoder_2, …)
+    text_encoder_classes: ClassVar[tuple[str, ...]] = ("CLIPTextModel",)
+    # the padding token of each offline tokenizer of a random preset (OpenCLIP tokenizers pad with "!")
+    tokenizer_pads: ClassVar[tuple[str, ...]] = (EOS_TOKEN,)
+    # DDIM settings the family's sampling chain fixes, whatever the folder's scheduler says (SPEC §10)
+    ddim_overrides: ClassVar[Mapping[str, Any]] = {}
+    # diffusers' LoRA loader whose key conversions fit the family's files (`lora=`, s2edit.core.lora)
+    lora_loader: ClassVar[str] = "StableDiffusionLoraLoaderMixin"
 
     def __init__(
         self,
@@ -128,6 +137,7 @@ class ModelFamily(abc.ABC):
         scheduler: Any,
         source: str,
         scheduler_config: Mapping[str, Any] | None = None,
+        pipeline_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -136,6 +146,13 @@ class ModelFamily(abc.ABC):
         self.scheduler = scheduler  # the DDIM chain of the model's betas (SPEC §3, §10)
         self.source = source  # what `model=` named: a hub id, a folder or a preset
         self.scheduler_config = dict(scheduler_config or {})  # the model's own (e.g. an LCMScheduler's)
+        self.pipeline_config = dict(pipeline_config or {})  # model_index.json's settings (no components)
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, pipeline: str, configs: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Whether a diffusers folder holds this family, from its pipeline class name (model_index.json's
+        `_class_name`, "" when absent) and component configs ("unet", "scheduler", "text_encoder")."""
 
     # ------------------------------------------------------------------------------------ components
 
@@ -162,6 +179,11 @@ class ModelFamily(abc.ABC):
         return {name: module for name, module in self.components().items() if name != "vae"}
 
     @property
+    def default_finetune(self) -> str:
+        """What `finetune.method=auto` trains: "full" (the S2Edit paper's) or "lora" adapters."""
+        return "full"
+
+    @property
     def device(self) -> torch.device:
         return self.unet.device
 
@@ -184,6 +206,16 @@ class ModelFamily(abc.ABC):
         return self
 
     # ------------------------------------------------------------------------------------ tokens
+
+    def tokenize(self, prompts: Sequence[str], index: int = 0) -> torch.Tensor:
+        """(B, L) ids of tokenizer `index`, padded to the context length, on its text encoder's device;
+        over-long prompts are refused in one line."""
+        for prompt in prompts:
+            self.token_ids(prompt)
+        tokenizer = self.tokenizers[index]
+        return tokenizer(
+            list(prompts), padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt",
+        ).input_ids.to(self.text_encoders[index].device)
 
     def token_ids(self, prompt: str) -> list[int]:
         """The first tokenizer's ids of `prompt` (start/end included, unpadded); an over-long prompt is
@@ -335,6 +367,12 @@ class ModelFamily(abc.ABC):
     def self_replace_level(self) -> int:
         """Prompt-to-Prompt replaces self-attention only in layers of at least this level (SPEC §4, §10)."""
         return 2
+
+    @property
+    def fused_self_attention(self) -> bool:
+        """Whether self-attention replacement swaps queries and keys before the fused kernel (no map is
+        materialised) rather than editing explicit maps as P2P's reference does (SD1/SD2: explicit)."""
+        return False
 
     def attention_control(
         self, controller: AttentionController, cross_only: bool = False

@@ -1,13 +1,16 @@
 """Loading a model family from what `model=` names (SPEC §2–§3, §10).
 
 :func:`load_model` accepts a hub id, a local diffusers folder, or a random preset (`tiny`, `tiny-lcm`,
-`tiny-v`, `sd-v1-random`: the folders of `s2edit/core/presets/`, shipped as package data). The family is
-detected from the folder (`model_index.json`'s pipeline class and the component configs), with no flag;
-a preset names its own. A model that cannot be found fails fast with one line saying what to pass.
+`tiny-v`, `tiny-xl`, `tiny-xl-lcm`, `sd-v1-random`, `sdxl-random`: the folders of `s2edit/core/presets/`,
+shipped as package data). The family is detected from the folder (`model_index.json`'s pipeline class and
+the component configs), with no flag; a preset names its own. A model that cannot be found fails fast
+with one line saying what to pass. `lora=` fuses a LoRA file into the UNet (:mod:`s2edit.core.lora`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,26 +24,32 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from huggingface_hub import constants as hub_constants
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from editkit.errors import InputError
 from s2edit.core.family import ModelFamily
+from s2edit.core.lora import check_lora_file, fuse_unet_lora
 from s2edit.core.settings import DEFAULT_MODEL
 from s2edit.core.stable_diffusion import StableDiffusion, StableDiffusion2
+from s2edit.core.stable_diffusion_xl import StableDiffusionXL
 from s2edit.core.tokenizer import clip_tokenizer
 
 # The model families, in detection order: the first whose `matches` accepts a folder loads it (a family
 # that needs more than SD's components is listed before SD, which takes any UNet + CLIP folder).
-FAMILIES: dict[str, type[StableDiffusion]] = {"sd1": StableDiffusion, "sd2": StableDiffusion2}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    "sdxl": StableDiffusionXL, "sd2": StableDiffusion2, "sd1": StableDiffusion,
+}
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: one folder per random preset
 PRESET_FILE = "preset.json"
-PRESET_PARTS = ("unet", "vae", "text_encoder", "scheduler")
+PRESET_PARTS = ("unet", "vae", "scheduler", "text_encoder", "text_encoder_2")
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
-LOAD_HINT = "pass a local diffusers folder (model=/path/to/stable-diffusion-v1-4) or model=tiny"
+LOAD_HINT = ("pass a local diffusers folder (model=/path/to/stable-diffusion-v1-4) or a random preset "
+             "(model=tiny)")
 MODEL_INDEX = "model_index.json"
 
 
@@ -56,23 +65,33 @@ _DIFFUSERS_MODELING_LOGGER = logging.getLogger("diffusers.models.modeling_utils"
 if not any(isinstance(f, _EmptyFloat32ListFilter) for f in _DIFFUSERS_MODELING_LOGGER.filters):
     _DIFFUSERS_MODELING_LOGGER.addFilter(_EmptyFloat32ListFilter())
 
-# What a diffusers Stable Diffusion folder must hold: per component, alternatives of files (any one will do).
+# What a diffusers folder must hold: per component, alternatives of files (any one will do). Every family
+# has these; a family with more text encoders also needs text_encoder_<k> / tokenizer_<k> like them.
+TEXT_ENCODER_FILES = (("config.json",), ("model.safetensors", "pytorch_model.bin",
+                                         "model.safetensors.index.json", "pytorch_model.bin.index.json"))
+TOKENIZER_FILES = (("tokenizer.json", "vocab.json"),)
 REQUIRED_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
     "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                                 "diffusion_pytorch_model.safetensors.index.json",
                                 "diffusion_pytorch_model.bin.index.json")),
     "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                                "diffusion_pytorch_model.safetensors.index.json")),
-    "text_encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin",
-                                        "model.safetensors.index.json", "pytorch_model.bin.index.json")),
-    "tokenizer": (("tokenizer.json", "vocab.json"),),
+    "text_encoder": TEXT_ENCODER_FILES,
+    "tokenizer": TOKENIZER_FILES,
     "scheduler": (("scheduler_config.json",),),
 }
 
 
-def ddim_scheduler(config_or_scheduler: Any) -> DDIMScheduler:
+def encoder_folders(family: type[ModelFamily]) -> list[tuple[str, str]]:
+    """(text encoder folder, tokenizer folder) of each text encoder of a family, in order."""
+    return [("text_encoder", "tokenizer") if k == 0 else (f"text_encoder_{k + 1}", f"tokenizer_{k + 1}")
+            for k in range(len(family.text_encoder_classes))]
+
+
+def ddim_scheduler(config_or_scheduler: Any, **overrides: Any) -> DDIMScheduler:
     """The DDIM scheduler of SPEC §3, from a model's scheduler (or its config): the model's betas,
-    prediction type and `steps_offset`, with `clip_sample=False` and `set_alpha_to_one=False`.
+    prediction type and `steps_offset`, with `clip_sample=False` and `set_alpha_to_one=False` (and a
+    family's `overrides`, e.g. SDXL's leading spacing, SPEC §10).
 
     Timesteps: SPEC §3 writes 980…0 (steps_offset 0). SD1 configs carry `steps_offset: 1`, and the NTI
     reference ran its DDIMScheduler through `StableDiffusionPipeline`, which forces `steps_offset=1`, so it
@@ -81,7 +100,7 @@ def ddim_scheduler(config_or_scheduler: Any) -> DDIMScheduler:
     config = getattr(config_or_scheduler, "config", config_or_scheduler)
     if not isinstance(config, Mapping):
         raise TypeError(f"expected a scheduler or its config, got {type(config_or_scheduler).__name__}")
-    return DDIMScheduler.from_config(dict(config), clip_sample=False, set_alpha_to_one=False)
+    return DDIMScheduler.from_config(dict(config), clip_sample=False, set_alpha_to_one=False, **overrides)
 
 
 # ----------------------------------------------------------------------------------------- presets
@@ -93,19 +112,41 @@ def preset_names() -> list[str]:
 
 
 def _preset_configs(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(preset.json, {part: config}) of a preset, parts it lacks taken from its `base` preset."""
+    """(preset.json, {part: config}) of a preset, parts it lacks (and its `pipeline` settings) taken from
+    its `base` preset."""
     folder = PRESET_DIR / name
     info = json.loads((folder / PRESET_FILE).read_text())
     base = info.get("base")
-    configs = _preset_configs(base)[1] if base else {}
+    configs: dict[str, dict[str, Any]] = {}
+    if base:
+        base_info, configs = _preset_configs(base)
+        pipeline = {**base_info.get("pipeline", {}), **info.get("pipeline", {})}
+        info = {**base_info, **info, "pipeline": pipeline}
     for part in PRESET_PARTS:
         file = folder / f"{part}.json"
         if file.is_file():
             configs[part] = json.loads(file.read_text())
-    missing = [part for part in PRESET_PARTS if part not in configs]
+    family = FAMILIES[info["family"]]
+    needed = ["unet", "vae", "scheduler", *(folder for folder, _ in encoder_folders(family))]
+    missing = [part for part in needed if part not in configs]
     if missing:
         raise ValueError(f"preset '{name}' has no config for {missing}")
     return info, configs
+
+
+def preset_components(name: str, device: str | torch.device | None = None) -> dict[str, torch.nn.Module]:
+    """The randomly initialised components of preset `name` by their diffusers names, in creation order
+    (unet, vae, text encoders); on the "meta" device they cost no memory (for parameter counts)."""
+    info, configs = _preset_configs(name)
+    family = FAMILIES[info["family"]]
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        parts: dict[str, torch.nn.Module] = {
+            "unet": UNet2DConditionModel.from_config(configs["unet"]),
+            "vae": AutoencoderKL.from_config(configs["vae"]),
+        }
+        for (folder, _), cls_name in zip(encoder_folders(family), family.text_encoder_classes):
+            parts[folder] = getattr(transformers, cls_name)(CLIPTextConfig.from_dict(configs[folder]))
+    return parts
 
 
 def random_model(name: str = "tiny", seed: int = 0) -> ModelFamily:
@@ -115,12 +156,12 @@ def random_model(name: str = "tiny", seed: int = 0) -> ModelFamily:
     family = FAMILIES[info["family"]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
-    return family(unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=[clip_tokenizer()],
-                  scheduler=ddim_scheduler(configs["scheduler"]), source=name,
-                  scheduler_config=configs["scheduler"])
+        parts = preset_components(name)
+    encoders = [parts[folder] for folder, _ in encoder_folders(family)]
+    return family(unet=parts["unet"], vae=parts["vae"], text_encoders=encoders,
+                  tokenizers=[clip_tokenizer(pad_token=pad) for pad in family.tokenizer_pads],
+                  scheduler=ddim_scheduler(configs["scheduler"], **family.ddim_overrides), source=name,
+                  scheduler_config=configs["scheduler"], pipeline_config=info.get("pipeline", {}))
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -133,12 +174,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     local_files_only: bool | None = None,
+    lora: str | Path | None = None,
 ) -> ModelFamily:
     """Load a model from a hub id, a local diffusers folder or a random preset (weights from `seed`).
 
     `local_files_only=None` means: only the local HF cache when `HF_HUB_OFFLINE` is set, else the cache
-    first and then the hub if it answers. Every component comes back in eval mode on `device` in `dtype`.
+    first and then the hub if it answers. `lora`: a LoRA file (diffusers / peft / kohya keys, safetensors)
+    fused into the UNet, e.g. LCM-LoRA. Every component comes back in eval mode on `device` in `dtype`.
     """
+    if lora is not None:
+        lora = Path(lora).expanduser()
+        check_lora_file(lora)  # before minutes of model loading
     presets = preset_names()
     if model in presets:
         loaded = random_model(model, seed=seed)
@@ -151,6 +197,8 @@ def load_model(
     else:
         raise InputError(f"model '{model}' is not a hub id (owner/name), a folder, or one of "
                          f"{', '.join(presets)}")
+    if lora is not None:
+        fuse_unet_lora(loaded, lora)
     return loaded.eval().to(device=device, dtype=dtype)
 
 
@@ -159,22 +207,25 @@ def _looks_like_path(model: str) -> bool:
     return Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
-def check_diffusers_folder(folder: Path) -> None:
-    """Refuse, in one line naming what is missing, a folder that is not a diffusers SD folder."""
+def check_diffusers_folder(folder: Path, family: type[ModelFamily] | None = None) -> None:
+    """Refuse, in one line naming what is missing, a folder that is not a diffusers folder of Stable
+    Diffusion (any family), or of `family` (its further text encoders and tokenizers too)."""
     if not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "does not exist"
         raise InputError(f"model folder '{folder}' {problem}; {LOAD_HINT}")
+    required = dict(REQUIRED_FILES)
+    for encoder, tokenizer in encoder_folders(family)[1:] if family is not None else []:
+        required.update({encoder: TEXT_ENCODER_FILES, tokenizer: TOKENIZER_FILES})
     missing = [
         f"{part}/{' or '.join(names)}"
-        for part, alternatives in REQUIRED_FILES.items()
+        for part, alternatives in required.items()
         for names in alternatives
         if not any((folder / part / name).is_file() for name in names)
     ]
     if missing:
-        raise InputError(
-            f"model folder '{folder}' is not a diffusers Stable Diffusion folder: "
-            f"missing {', '.join(missing)}"
-        )
+        kind = family.label if family is not None else "Stable Diffusion"
+        raise InputError(f"model folder '{folder}' is not a diffusers {kind} folder: "
+                         f"missing {', '.join(missing)}")
 
 
 def _from_hub(model_id: str, dtype: torch.dtype, local_files_only: bool | None) -> ModelFamily:
@@ -215,56 +266,68 @@ def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return reachable.is_set()
 
 
-def _pipeline_class(source: str, local_files_only: bool) -> str:
-    """The `_class_name` of a model's `model_index.json` ("" when it has none)."""
+def _model_index(source: str, local_files_only: bool) -> dict[str, Any]:
+    """A model's `model_index.json` ({} when it has none or it is unreadable)."""
     try:
         if Path(source).is_dir():
-            return json.loads((Path(source) / MODEL_INDEX).read_text()).get("_class_name", "")
-        from huggingface_hub import hf_hub_download
+            index = json.loads((Path(source) / MODEL_INDEX).read_text())
+        else:
+            from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(source, MODEL_INDEX, local_files_only=local_files_only))
-                          .read_text()).get("_class_name", "")
+            index = json.loads(Path(hf_hub_download(source, MODEL_INDEX, local_files_only=local_files_only))
+                               .read_text())
     except (OSError, ValueError, AttributeError):  # no model_index.json (the hub's errors are OSErrors)
-        return ""
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> ModelFamily:
     """The components of a hub id or a diffusers folder (safetensors preferred when present), as the
     family the folder holds."""
-    common: dict[str, Any] = {"subfolder": "", "local_files_only": local_files_only}
-    loaders = {
-        "scheduler_config": lambda: dict(DDIMScheduler.load_config(source, **common)),
-        "text_encoder_config": lambda: CLIPTextConfig.from_pretrained(source, **common).to_dict(),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(source, torch_dtype=dtype, **common),
-        "vae": lambda: AutoencoderKL.from_pretrained(source, torch_dtype=dtype, **common),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(source, dtype=dtype, **common),
-        "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, **common),
+    common: dict[str, Any] = {"local_files_only": local_files_only}
+
+    def load(part: str, loader: Any) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers → hub
+                return loader(subfolder=part)
+        except (OSError, ValueError) as error:  # missing / unreadable files, bad configs
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"could not load the {part} of model '{source}': {reason}") from error
+
+    # 1. Configs: which family is it?
+    index = _model_index(source, local_files_only)
+    configs = {
+        "scheduler": dict(load("scheduler", lambda **kw: DDIMScheduler.load_config(source, **kw, **common))),
+        "unet": dict(load("unet", lambda **kw: UNet2DConditionModel.load_config(source, **kw, **common))),
+        "text_encoder": load("text_encoder",
+                             lambda **kw: CLIPTextConfig.from_pretrained(source, **kw, **common).to_dict()),
     }
-    parts: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers → hub, not ours
-        for part, load in loaders.items():
-            common["subfolder"] = part.removesuffix("_config")
-            try:
-                parts[part] = load()
-            except (OSError, ValueError) as error:  # missing / unreadable files, bad configs
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise InputError(
-                    f"could not load the {common['subfolder']} of model '{source}': {reason}"
-                ) from error
-            if part == "text_encoder_config":  # the family decides what else to load; SD: the same parts
-                family = _detect_family(source, local_files_only, parts)
-    # A tokenizer saved without tokenizer_config.json has no max length (REFERENCES: known traps).
-    max_positions = parts["text_encoder"].config.max_position_embeddings
-    parts["tokenizer"].model_max_length = min(parts["tokenizer"].model_max_length, max_positions)
-    return family(unet=parts["unet"], vae=parts["vae"], text_encoders=[parts["text_encoder"]],
-                  tokenizers=[parts["tokenizer"]], scheduler=ddim_scheduler(parts["scheduler_config"]),
-                  source=source, scheduler_config=parts["scheduler_config"])
+    family = _detect_family(source, index.get("_class_name", ""), configs)
+    if Path(source).is_dir():
+        check_diffusers_folder(Path(source), family)
+
+    # 2. Components
+    unet = load("unet", lambda **kw: UNet2DConditionModel.from_pretrained(source, torch_dtype=dtype, **kw,
+                                                                          **common))
+    vae = load("vae", lambda **kw: AutoencoderKL.from_pretrained(source, torch_dtype=dtype, **kw, **common))
+    encoders, tokenizers = [], []
+    for (encoder_part, tokenizer_part), cls_name in zip(encoder_folders(family), family.text_encoder_classes):
+        encoder_class = getattr(transformers, cls_name)
+        encoder = load(encoder_part, functools.partial(encoder_class.from_pretrained, source, dtype=dtype,
+                                                       **common))
+        tokenizer = load(tokenizer_part, lambda **kw: CLIPTokenizer.from_pretrained(source, **kw, **common))
+        # A tokenizer saved without tokenizer_config.json has no max length (REFERENCES: known traps).
+        tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+        encoders.append(encoder)
+        tokenizers.append(tokenizer)
+    pipeline = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    return family(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                  scheduler=ddim_scheduler(configs["scheduler"], **family.ddim_overrides), source=source,
+                  scheduler_config=configs["scheduler"], pipeline_config=pipeline)
 
 
-def _detect_family(source: str, local_files_only: bool, parts: Mapping[str, Any]) -> type[StableDiffusion]:
-    pipeline = _pipeline_class(source, local_files_only)
-    configs = {"scheduler": parts["scheduler_config"], "text_encoder": parts["text_encoder_config"]}
+def _detect_family(source: str, pipeline: str, configs: Mapping[str, Mapping[str, Any]]) -> type[ModelFamily]:
     for family in FAMILIES.values():
         if family.matches(pipeline, configs):
             return family

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import torch
-
 from s2edit.core.attention import AttentionLayer, unet_attention_layers
 from s2edit.core.family import Conditioning, ModelFamily, TextEncoding
 
@@ -31,16 +29,6 @@ class StableDiffusion(ModelFamily):
         any UNet + one CLIP text encoder folder (StableDiffusionPipeline, LatentConsistencyModelPipeline,
         …) that is not SD 2.x."""
         return not StableDiffusion2.is_v2(configs)
-
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, L) ids padded to the context length, on the text encoder's device; over-long prompts are
-        refused in one line."""
-        for prompt in prompts:
-            self.token_ids(prompt)
-        return self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
 
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         """Context = the last hidden state after the final layer norm (B, L, D), also the semantic loss's."""

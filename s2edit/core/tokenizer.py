@@ -104,8 +104,9 @@ def _read_tokenizer_files(folder: Path) -> tuple[dict[str, int], tuple[tuple[str
     return vocab, merges
 
 
-def clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
-    """A fresh CLIP tokenizer identical to SD v1-4's (ids of CLIP ViT-L/14, 77 tokens, padded with EOS).
+def clip_tokenizer(cache_dir: str | Path | None = None, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """A fresh CLIP tokenizer identical to SD v1-4's (ids of CLIP ViT-L/14, 77 tokens, padded with EOS;
+    `pad_token="!"` gives the OpenCLIP tokenizers of SD 2.x and SDXL's second encoder).
 
     Built offline from open_clip's BPE file; vocab.json/merges.txt are written once under `cache_dir`
     (default `default_cache_dir()`), and read once per process. Every call returns a NEW instance,
@@ -127,7 +128,7 @@ def clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
     )
 
 

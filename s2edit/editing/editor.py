@@ -261,7 +261,7 @@ class Editor:
 
             def loop_masks(state: StepState, decoded: torch.Tensor) -> tuple[Any, Any]:
                 if plan.masks.wanted and not masks:  # in_loop: the maps so far, this step's x̂0 as guide
-                    masks.update(plan_masks(plan, run.store, state.step, source_image, decoded))
+                    masks.update(plan_masks(plan, run.store, source_image, decoded))
                 return loss_mask_pair(plan, masks)
 
             spl_hook = SPLHook(plan.spl_steps(), round_trip, refine_settings, self.decode, self.encode,
@@ -283,7 +283,7 @@ class Editor:
             # 5. Masks of this run (it is the loss-free preview when SPL never acted in the loop)
             mask_start = time.perf_counter()
             if plan.masks.wanted and not masks:
-                masks.update(plan_masks(plan, run.store, None, source_image, raw))
+                masks.update(plan_masks(plan, run.store, source_image, raw))
             loss_masks = loss_mask_pair(plan, masks)
             timings["masks"] = time.perf_counter() - mask_start
 
@@ -322,7 +322,7 @@ class Editor:
             preview = make_run()
             state = denoise(self.model, preview, [ProgressHook(plan.steps, "preview", self.progress)])
             decoded = self.decode(preview.sampler.result(state.latents, state.x0)[preview.target_rows])
-            masks = plan_masks(plan, preview.store, None, source_image, decoded)
+            masks = plan_masks(plan, preview.store, source_image, decoded)
         timings["preview"] = time.perf_counter() - start
         return masks
 

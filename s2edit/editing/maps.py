@@ -98,11 +98,11 @@ def loss_masks(masks: dict[str, torch.Tensor], n_targets: int) -> torch.Tensor:
     return torch.stack([masks[f"mask_{k}"] for k in range(n_targets)])[:, None]
 
 
-def plan_masks(plan: EditPlan, store: AttentionStore, until: int | None, source_image: torch.Tensor,
+def plan_masks(plan: EditPlan, store: AttentionStore, source_image: torch.Tensor,
                target_guides: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SPEC §6 masks of an edit from a run's stored maps (all steps, or those ≤ `until`) and the target
-    guides (n, 3, H, W)."""
-    maps = store.average(until=until)[: len(plan.prompts)]  # (1 + n, h, w, K)
+    """SPEC §6 masks of an edit from a run's stored maps (every step so far) and the target guides
+    (n, 3, H, W)."""
+    maps = store.average()[: len(plan.prompts)]  # (1 + n, h, w, K)
     return preservation_masks(maps, plan.mask_source_positions, plan.mask_target_positions, source_image,
                               target_guides, plan.masks)
 

@@ -137,6 +137,8 @@ class PromptToPrompt(AttentionController):
         mapper: (targets, K, K) replace mapping (`mapper[s, t]`); exactly one of index and mapper.
         reweight: (targets, K) factors of the mapped source maps (P2P `AttentionReweight`).
         self_level: self-attention is replaced only in layers of at least this level (the model's).
+        fused_self: replace it by swapping queries and keys before the fused kernel (the model's choice:
+            SDXL's large maps are never materialised) instead of editing explicit maps (P2P's way).
 
     Per target k and step i, with own maps A_k, mapped source maps M_k = refine: α·A_S[index] + (1−α)·A_k,
     replace: A_S·mapper, times the reweight factors, and the time-word switch a_i:
@@ -153,6 +155,7 @@ class PromptToPrompt(AttentionController):
         mapper: torch.Tensor | None = None,
         reweight: torch.Tensor | None = None,
         self_level: int = 2,
+        fused_self: bool = False,
     ) -> None:
         super().__init__()
         if (index is None) == (mapper is None) or (index is None) != (alphas is None):
@@ -165,6 +168,7 @@ class PromptToPrompt(AttentionController):
         self.mapper = mapper
         self.reweight = reweight
         self.self_level = self_level
+        self.fused_self = fused_self
 
     @property
     def num_targets(self) -> int:
@@ -176,7 +180,32 @@ class PromptToPrompt(AttentionController):
     def reads_probs(self, call: AttentionCall) -> bool:
         if call.is_cross:
             return bool(self.cross_schedule[self.step].any())
-        return call.level >= self.self_level and self.step < self.self_steps
+        return self._injects_self(call) and not self.fused_self
+
+    def _injects_self(self, call: AttentionCall) -> bool:
+        return not call.is_cross and call.level >= self.self_level and self.step < self.self_steps
+
+    def edit_qkv(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused self-attention injection: each target row attends with the source row's queries and keys
+        to its own values, softmax(Q_S K_Sᵀ)·V_T = P2P's replaced maps times V_T, by the fused kernel
+        without materialising a map (SPEC §10)."""
+        if not (self.fused_self and self._injects_self(call)):
+            return query, key, value
+        rows = list(self.rows(query.shape[0] // call.heads))
+        if len(rows) != 1 + self.num_targets:
+            raise ValueError(f"{len(rows)} conditional rows for 1 source + {self.num_targets} target prompts")
+        query, key = (self._from_source(x, rows, call.heads) for x in (query, key))
+        return query, key, value
+
+    @staticmethod
+    def _from_source(x: torch.Tensor, rows: list[int], heads: int) -> torch.Tensor:
+        """(B·heads, N, d) with the target rows' entries replaced by the source row's."""
+        per_row = x.view(-1, heads, *x.shape[1:])
+        edited = per_row.clone()
+        edited[rows[1:]] = per_row[rows[0]]
+        return edited.view(x.shape)
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         if not 0 <= self.step < self.num_steps:
@@ -186,7 +215,7 @@ class PromptToPrompt(AttentionController):
             raise ValueError(f"{len(rows)} conditional rows for 1 source + {self.num_targets} target prompts")
         if call.is_cross:
             return self._edit_cross(probs, call, rows)
-        if call.level >= self.self_level and self.step < self.self_steps:
+        if self._injects_self(call):
             return self._inject_self(probs, call, rows)
         return probs
 
@@ -262,7 +291,7 @@ class LocalBlend:
         (`alpha`, the step's ᾱ, is unused: P2P's thresholds do not depend on it.)"""
         if step < self.start_step:
             return latents
-        maps = store.average(self.level, until=step)  # (P, h, w, K)
+        maps = store.average(self.level)  # (P, h, w, K): the steps so far
         if maps.shape[0] != latents.shape[0]:
             raise ValueError(f"{maps.shape[0]} stored attention rows for {latents.shape[0]} latents")
         masks = self.masks(maps, tuple(latents.shape[-2:]))
@@ -351,7 +380,8 @@ class PromptToPromptMethod(EditMethod):
         tables = plan.tables
         return PromptToPrompt(plan.steps, tables.cross_schedule, plan.settings.self_replace,
                               index=tables.index, alphas=tables.alphas, mapper=tables.mapper,
-                              reweight=tables.reweight, self_level=model.self_replace_level)
+                              reweight=tables.reweight, self_level=model.self_replace_level,
+                              fused_self=model.fused_self_attention)
 
     def local_blend(self, plan: EditPlan, model: ModelFamily) -> LocalBlend | None:
         if plan.tables.blend is None:

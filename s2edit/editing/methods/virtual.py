@@ -173,7 +173,7 @@ class VirtualLocalBlend:
         """Blend the target rows of (2 + n, C, h, w) latents after step `step` (ᾱ of its timestep)."""
         if step == 0:
             return latents
-        maps = store.average(self.level, until=step)  # (rows, h, w, K)
+        maps = store.average(self.level)  # (rows, h, w, K): the steps so far
         size = tuple(latents.shape[-2:])
         out = latents.clone()
         source, mutual = latents[0], latents[-1]
