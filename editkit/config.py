@@ -242,9 +242,10 @@ def _convert(key: str, raw: Any, field: dataclasses.Field, tp: Any) -> Any:
 
 
 def _unknown_key(key: str, valid: list[str]) -> InputError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # a leaf name given without its section, e.g. `lr` for `finetune.lr`
-        close = [v for v in valid if v.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    # a leaf name given without its section first (`lr` for `spl.lr`), then the closest spelling
+    leaf = [v for v in valid if v.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and v != key]
+    close = difflib.get_close_matches(key, leaf, n=1, cutoff=0) or difflib.get_close_matches(key, valid, n=1,
+                                                                                            cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else " (see --help for the valid keys)"
     return InputError(f"unknown config key '{key}'{hint}")
 

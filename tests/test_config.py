@@ -13,6 +13,7 @@ import yaml
 from conftest import CONFIG_DIR, ROOT
 from editkit.config import explicit_keys, parse_config, run_main
 from editkit.errors import InputError
+from s2edit.core.loading import FAMILIES
 from s2edit.core.settings import P2PSettings, VirtualSettings
 from s2edit.editing.config import InferConfig
 from s2edit.editing.request import EditRequest, choose_method
@@ -41,8 +42,11 @@ def test_spec_section7_defaults() -> None:
     assert (train.finetune.weight_decay, train.finetune.grad_clip, train.finetune.method) == (
         1e-2,
         1.0,
-        "full",
+        "auto",
     )
+    # auto: the paper's full fine-tuning on SD 1.x/2.x, LoRA on SDXL (SPEC §10)
+    assert {name: family.default_finetune for name, family in FAMILIES.items()} == {
+        "sd1": "full", "sd2": "full", "sdxl": "lora"}
     assert (train.finetune.lora_rank, train.finetune.lora_lr) == (16, 1e-4)
     assert (train.spatial.mask_timesteps, train.spatial.mask_threshold, train.spatial.loss_weight) == (
         [200, 400, 600],

@@ -140,7 +140,8 @@ def word_factors(text: str | None) -> dict[str, float]:
 
 
 def infer_config(form: EditForm, *, model: str, ckpt: str | None, out: Path, seed: int,
-                 resolution: int | None = None, device: str = "auto", precision: str = "auto") -> InferConfig:
+                 resolution: int | None = None, device: str = "auto", precision: str = "auto",
+                 lora: str | None = None) -> InferConfig:
     """The `infer.py` configuration of an edit of the form (the web app's edits ARE infer.py's).
 
     Only the chosen method's settings leave their defaults; mask words count only when a preservation
@@ -163,7 +164,8 @@ def infer_config(form: EditForm, *, model: str, ckpt: str | None, out: Path, see
     target = (form.target or "").strip()
     cfg = InferConfig(
         ckpt=ckpt,
-        model=model if ckpt is None else defaults.model,  # an export names its own base model
+        model=model if ckpt is None else defaults.model,  # an export names its own base model (and LoRA)
+        lora=lora if ckpt is None else None,
         image=form.image,
         source=(form.source or "").strip() or None,
         target=[target] if target else [],

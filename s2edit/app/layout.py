@@ -200,6 +200,7 @@ def identity_tab() -> tuple[dict[str, Any], list[Any], gr.Button, gr.Button]:
                 c["steps"] = bound_slider(TrainConfig, "max_steps", "Fine-tuning steps", 1, 1000, 1)
                 c["seed"] = bound_number(TrainConfig, "seed", "Seed", 0, MAX_SEED)
             c["finetune_method"] = bound_dropdown(FinetuneConfig, "method", "Fine-tuning", {
+                "auto": "the model family's default (SD: full, SDXL: LoRA)",
                 "full": "full (UNet + text encoder, the paper's)", "lora": "LoRA (low memory)"})
             with gr.Accordion("Compositional [A] (optional)", open=False):
                 c["reference"] = image_input(label="Reference image carrying the attribute", height=200)

@@ -1,7 +1,8 @@
-"""Edit images with S2Edit + SPL in the browser (Gradio 6 web app; the UI is in s2edit/webapp.py).
+"""Edit images with S2Edit + SPL in the browser (Gradio 6 web app; the UI is in s2edit/app/ui.py).
 
     python app.py                                  # CompVis/stable-diffusion-v1-4 (local cache or hub)
     python app.py --model tiny                     # random tiny model: every control runs, offline
+    python app.py --model /path/to/sdxl --lora lcm-lora-sdxl.safetensors   # SDXL + LCM-LoRA
     python app.py --model /path/to/sd --ckpt outputs/astronaut/export   # edit with a fine-tuned [I]
     python app.py --port 7860 --share              # a fixed port, and a public Gradio link
 
@@ -16,14 +17,14 @@ import argparse
 from pathlib import Path
 
 from editkit.config import run_main
-from s2edit.core.settings import DEFAULT_MODEL
+from s2edit.core.settings import DEFAULT_MODEL, LORA_HELP, MODEL_HELP
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="base model: hub id, local diffusers folder, or a random preset (tiny, "
-                             f"tiny-lcm, tiny-v, sd-v1-random) (default {DEFAULT_MODEL})")
+                        help=f"base model: {MODEL_HELP} (default {DEFAULT_MODEL})")
+    parser.add_argument("--lora", default=None, help=LORA_HELP)
     parser.add_argument("--ckpt", default=None, help="export folder of train.py to edit with by default")
     parser.add_argument("--port", type=int, default=None,
                         help="server port (default: the first free one from 7860)")
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
     from s2edit.app.ui import AppSettings, EditingApp
 
     settings = AppSettings(
-        model=args.model, ckpt=args.ckpt, workdir=args.workdir, resolution=args.resolution,
+        model=args.model, lora=args.lora, ckpt=args.ckpt, workdir=args.workdir, resolution=args.resolution,
         device=args.device, precision=args.precision, concurrency=args.concurrency,
     )
     EditingApp(settings).launch(host=args.host, port=args.port, share=args.share)

@@ -65,6 +65,7 @@ class AppSettings:
     """What `python app.py` was started with."""
 
     model: str = DEFAULT_MODEL  # base model: hub id, diffusers folder, or a random preset
+    lora: str | None = None  # a LoRA file fused into the base model's UNet (e.g. LCM-LoRA)
     ckpt: str | None = None  # an export of train.py to edit with by default (else the base model)
     workdir: Path = Path("outputs/app")  # edits/, identities/ and the base model's inversion cache/
     resolution: int | None = None  # working size (None: the model's native size, an export's own)
@@ -95,7 +96,7 @@ class Editors:
         if export is not None:
             return Editor.from_export(export, device=s.device, precision=s.precision)
         return Editor.from_model(s.model, device=s.device, precision=s.precision,
-                                 cache_dir=s.workdir / "cache", resolution=s.resolution)
+                                 cache_dir=s.workdir / "cache", resolution=s.resolution, lora=s.lora)
 
     def get(self, export: str | None) -> Editor:
         """The editor of an identity export (loaded once, most recent kept), or the default one."""
@@ -199,9 +200,10 @@ class EditingApp:
         settings.workdir.mkdir(parents=True, exist_ok=True)
         self.editors = Editors(settings)  # load the model now: a bad --model fails at start, in one line
         if settings.ckpt is not None:
-            self.training_model = read_manifest(settings.ckpt).base_model
+            manifest = read_manifest(settings.ckpt)
+            self.training_model, self.training_lora = manifest.base_model, manifest.base_lora
         else:
-            self.training_model = settings.model
+            self.training_model, self.training_lora = settings.model, settings.lora
         self.blocks = self._build()
 
     # ------------------------------------------------------------------------------------ handlers
@@ -226,6 +228,7 @@ class EditingApp:
         try:
             cfg = infer_config(form, model=self.settings.model, ckpt=identity or self.settings.ckpt,
                                out=folder, seed=seed, resolution=self.settings.resolution,
+                               lora=self.settings.lora,
                                device=self.settings.device,
                                precision=self.settings.precision)
             arguments = cli_arguments(cfg)
@@ -296,6 +299,7 @@ class EditingApp:
         try:
             config = TrainConfig(
                 model=self.training_model,
+                lora=self.training_lora,
                 image=image,
                 prompt=(prompt or "").strip(),
                 object=(object_word or "").strip(),

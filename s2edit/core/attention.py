@@ -294,11 +294,13 @@ class AttentionStore(AttentionController):
         self._recorded: set[tuple[int, str]] = set()
 
     def __call__(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        if call.is_cross and call.level in self.levels and (self.step, call.name) not in self._recorded:
+        if call.is_cross and call.level in self.levels:
+            # the same operations on a recomputation, which checkpointing requires; added once
             maps = heads_view(probs, call.heads)
             maps = maps[list(self.rows(maps.shape[0]))].mean(dim=1)  # (rows, Q, K)
-            self.add(call.level, maps.reshape(maps.shape[0], *call.size, -1))
-            self._recorded.add((self.step, call.name))
+            if (self.step, call.name) not in self._recorded:
+                self.add(call.level, maps.reshape(maps.shape[0], *call.size, -1))
+                self._recorded.add((self.step, call.name))
         return probs
 
     def add(self, level: int, maps: torch.Tensor) -> None:

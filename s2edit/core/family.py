@@ -26,9 +26,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from editkit.errors import ReportedError
 from s2edit.core.attention import AttentionController, AttentionLayer, controlled_attention
 from s2edit.core.diffusion import to_epsilon
 from s2edit.core.tokenizer import EOS_TOKEN, add_placeholder_token, token_ids, word_token_indices
+
+
+class NonFiniteError(ReportedError):
+    """A model produced NaN or infinite values where an image or latent was expected."""
+
 
 IMAGE_PER_MASK_SIDE = 32  # masks, LocalBlend and saved maps use the layers of side image/32 (SPEC §4, §10)
 
@@ -124,6 +130,8 @@ class ModelFamily(abc.ABC):
     tokenizer_pads: ClassVar[tuple[str, ...]] = (EOS_TOKEN,)
     # DDIM settings the family's sampling chain fixes, whatever the folder's scheduler says (SPEC §10)
     ddim_overrides: ClassVar[Mapping[str, Any]] = {}
+    # what `finetune.method=auto` trains: "full" (the S2Edit paper's) or "lora" adapters
+    default_finetune: ClassVar[str] = "full"
     # diffusers' LoRA loader whose key conversions fit the family's files (`lora=`, s2edit.core.lora)
     lora_loader: ClassVar[str] = "StableDiffusionLoraLoaderMixin"
 
@@ -177,11 +185,6 @@ class ModelFamily(abc.ABC):
     def trainable_components(self) -> dict[str, torch.nn.Module]:
         """What fine-tuning may train: the denoiser and the text encoders (never the VAE)."""
         return {name: module for name, module in self.components().items() if name != "vae"}
-
-    @property
-    def default_finetune(self) -> str:
-        """What `finetune.method=auto` trains: "full" (the S2Edit paper's) or "lora" adapters."""
-        return "full"
 
     @property
     def device(self) -> torch.device:
@@ -318,10 +321,14 @@ class ModelFamily(abc.ABC):
 
     def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """(B, C, h, w) latent → (B, 3, h·f, w·f) image in [-1, 1] (clamped unless `clamp=False`), in the
-        latents' dtype."""
+        latents' dtype. A NaN or infinite value is an error (SPEC §10), never a saved picture."""
         with self._vae_in(self._vae_dtype()) as vae:
             scaled = latents.to(device=vae.device, dtype=vae.dtype) / self.latent_scale + self.latent_shift
             image = vae.decode(scaled).sample.to(latents.dtype)
+        if not bool(torch.isfinite(image).all()):
+            where = "latents" if not bool(torch.isfinite(latents).all()) else f"VAE ({self._vae_dtype()})"
+            raise NonFiniteError(f"decoding gave NaN or infinite pixels (from the {where}): check the "
+                                 "model's weights, or run in fp32 (precision=fp32)")
         return image.clamp(-1, 1) if clamp else image
 
     @contextlib.contextmanager

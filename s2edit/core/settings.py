@@ -18,6 +18,11 @@ MAX_RESOLUTION = 2048  # working sizes above this do not fit SD's attention in m
 AREAS = ("whole", "masked")
 MASK_INPUTS = ("preview", "in_loop")
 LATENT_MODES = ("mean", "sample")
+VIRTUAL_SCHEDULES = ("auto", "lcm", "ddim")
+PRESETS_HELP = "tiny, tiny-lcm, tiny-v, tiny-xl, tiny-xl-lcm, sd-v1-random, sdxl-random"
+MODEL_HELP = f"hub id, local diffusers folder (SD 1.x, 2.x, SDXL), or a random preset ({PRESETS_HELP})"
+LORA_HELP = ("a LoRA file (.safetensors; diffusers, peft or kohya keys) fused into the model's UNet, e.g. "
+             "LCM-LoRA")
 
 
 class Checked:
@@ -76,6 +81,9 @@ class VirtualSettings(Checked):
     thresh_m: float = setting(0.6, "LocalBlend threshold of the source words' mask", ge=0, le=1)
     image_latent: str = setting("mean", "z0 from the VAE posterior mean, or a seeded sample (as InfEdit)",
                                 choices=LATENT_MODES)
+    schedule: str = setting("auto", "timesteps: auto (LCM when the model's scheduler is an LCMScheduler, "
+                                    "else the DDIM chain), lcm (e.g. with an LCM-LoRA), ddim",
+                            choices=VIRTUAL_SCHEDULES)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class StableDiffusionXL(ModelFamily):
     # SDXL ships an Euler scheduler; inversion and editing run the DDIM chain of its betas (SPEC §10)
     ddim_overrides: ClassVar[Mapping[str, Any]] = {"timestep_spacing": "leading", "steps_offset": 1}
     lora_loader: ClassVar[str] = "StableDiffusionXLLoraLoaderMixin"
+    default_finetune: ClassVar[str] = "lora"  # SPEC §10 [choice]: LoRA on the UNet (rank 16, lr 1e-4)
 
     @classmethod
     def matches(cls, pipeline: str, configs: Mapping[str, Mapping[str, Any]]) -> bool:
@@ -54,10 +55,6 @@ class StableDiffusionXL(ModelFamily):
         """Fine-tuning trains the UNet (LoRA by default, SPEC §10); of the text encoders only the
         placeholder rows learn."""
         return {"unet": self.unet}
-
-    @property
-    def default_finetune(self) -> str:
-        return "lora"
 
     # ------------------------------------------------------------------------------------ text
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from editkit.config import setting
-from s2edit.core.settings import DEFAULT_MODEL, MAX_RESOLUTION
+from s2edit.core.settings import DEFAULT_MODEL, LORA_HELP, MAX_RESOLUTION, MODEL_HELP
 from s2edit.editing.request import EditRequest
 
 
 @dataclass(frozen=True)
 class InferConfig(EditRequest):
     ckpt: str | None = setting(None, "export folder written by train.py (omit for training-free editing)")
-    model: str = setting(DEFAULT_MODEL, "base model without ckpt: hub id, folder, or a random preset (tiny, "
-                                        "tiny-lcm, tiny-v, sd-v1-random)")
+    model: str = setting(DEFAULT_MODEL, f"base model without ckpt: {MODEL_HELP}")
+    lora: str | None = setting(None, f"{LORA_HELP}; with ckpt: where the export's base LoRA lies now")
     image: str | None = setting(None, "image to edit (default: the checkpoint's training image)")
     source: str | None = setting(None, "source prompt (default: the checkpoint's prompt)")
     target: list[str] = setting([], "target prompt(s); repeat target=… for several edits in one batch",

@@ -89,10 +89,12 @@ class Editor:
     @classmethod
     def from_export(cls, path: str | Path, *, device: str = "auto", precision: str = "auto",
                     base_model: str | None = None, cache_dir: str | Path | None = None,
-                    progress: bool = True) -> Editor:
-        """Load an export folder of train.py; inversions are cached in `<path>/cache` by default."""
+                    progress: bool = True, lora: str | None = None) -> Editor:
+        """Load an export folder of train.py; inversions are cached in `<path>/cache` by default. `lora`:
+        where the LoRA file fused into the base during training lies now, if it moved."""
         torch_device = resolve_device(device)
-        model, manifest = load_export(path, torch_device, resolve_dtype(precision, torch_device), base_model)
+        model, manifest = load_export(path, torch_device, resolve_dtype(precision, torch_device), base_model,
+                                      base_lora=lora)
         return cls(
             model, export_placeholders(path, manifest), weights=manifest.weights_sha256,
             cache_dir=Path(path) / "cache" if cache_dir is None else cache_dir,
@@ -103,11 +105,12 @@ class Editor:
     @classmethod
     def from_model(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
                    seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True,
-                   resolution: int | None = None) -> Editor:
-        """Training-free editing with a base model (hub id, diffusers folder, or a random preset)."""
+                   resolution: int | None = None, lora: str | None = None) -> Editor:
+        """Training-free editing with a base model (hub id, diffusers folder, or a random preset), with a
+        `lora` file fused into its UNet (e.g. LCM-LoRA)."""
         torch_device = resolve_device(device)
         dtype = resolve_dtype(precision, torch_device)
-        loaded = load_model(model, device=torch_device, dtype=dtype, seed=seed)
+        loaded = load_model(model, device=torch_device, dtype=dtype, seed=seed, lora=lora)
         return cls(loaded, cache_dir=cache_dir, progress=progress, resolution=resolution)
 
     # ------------------------------------------------------------------------------------ inputs

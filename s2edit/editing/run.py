@@ -191,10 +191,10 @@ def load_editor(cfg: InferConfig, inputs: Inputs) -> Any:
     from s2edit.editing.editor import Editor
 
     if cfg.ckpt is not None:
-        return Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision)
+        return Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision, lora=cfg.lora)
     # a random preset's weights are always drawn from seed 0: `seed` is the edit's noise, not the model
     return Editor.from_model(
-        cfg.model, device=cfg.device, precision=cfg.precision, cache_dir=inputs.out / "cache"
+        cfg.model, device=cfg.device, precision=cfg.precision, cache_dir=inputs.out / "cache", lora=cfg.lora
     )
 
 
@@ -265,6 +265,7 @@ def edit_and_write(
         "model": {
             "ckpt": cfg.ckpt,
             "model": editor.model.source,
+            "family": editor.model.name,
             "weights": editor.weights,
             "placeholders": [p.text for p in editor.placeholders],
             "device": str(editor.model.device),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from editkit.config import setting
-from s2edit.core.settings import DEFAULT_MODEL, MAX_RESOLUTION
+from s2edit.core.settings import DEFAULT_MODEL, LORA_HELP, MAX_RESOLUTION, MODEL_HELP
 from s2edit.editing.request import EditRequest
 from s2edit.training.config import FinetuneConfig, SemanticConfig, SpatialConfig
 
@@ -59,8 +59,8 @@ class EvaluateConfig(EditRequest):
     data: str | None = setting(None, "dataset: a .jsonl / .csv file, or a PIE-Bench folder or its "
                                      "mapping_file.json")
     out: str = setting("outputs/eval", "output folder (a rerun into the same folder resumes)")
-    model: str = setting(DEFAULT_MODEL, "base model: hub id, folder, or a random preset (tiny, tiny-lcm, "
-                                        "tiny-v, sd-v1-random)")
+    model: str = setting(DEFAULT_MODEL, f"base model: {MODEL_HELP}")
+    lora: str | None = setting(None, LORA_HELP)
     resolution: int | None = setting(
         None, "working size (area ≈ resolution², sides multiples of 64); null: the model's native size",
         ge=64, le=MAX_RESOLUTION)

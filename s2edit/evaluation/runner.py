@@ -84,6 +84,7 @@ class EvaluationModule(L.LightningModule):
         self.request = EditRequest.of(config)
         self.method = method
         self.model_name = config.model
+        self.lora = config.lora
         self.precision_name = config.precision
         self.resolution = config.resolution
         self.base_seed = config.seed
@@ -97,7 +98,7 @@ class EvaluationModule(L.LightningModule):
         self.placeholder, self.object_word = tune.placeholder, tune.object
         # train.py's schema for one item; image, prompt, object and seed are filled in per item
         self.tune_template = TrainConfig(
-            model=config.model, placeholder=tune.placeholder, resolution=config.resolution,
+            model=config.model, lora=config.lora, placeholder=tune.placeholder, resolution=config.resolution,
             max_steps=tune.steps, image_log_every=0, checkpoint_every=0, finetune=tune.finetune,
             semantic=tune.semantic, spatial=tune.spatial,
         )
@@ -116,6 +117,7 @@ class EvaluationModule(L.LightningModule):
             self.editor = Editor.from_model(
                 self.model_name, device=str(self.root_device), precision=self.precision_name,
                 seed=self.base_seed, cache_dir=self.cache_dir, progress=False, resolution=self.resolution,
+                lora=self.lora,
             )
 
     @property
@@ -238,7 +240,7 @@ class EvaluationModule(L.LightningModule):
             renormalize=config.spatial.renormalize, progress=False, resolution=module.resolution,
         )
         report = {"steps": config.max_steps, "object": word, "prompt": source,
-                  "method": config.finetune.method, "final": final.terms}
+                  "method": module.method, "final": final.terms}
         return editor, source, targets, report
 
 

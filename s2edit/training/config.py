@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from editkit.config import setting as _opt
-from s2edit.core.settings import DEFAULT_MODEL, MAX_RESOLUTION
+from s2edit.core.settings import DEFAULT_MODEL, LORA_HELP, MAX_RESOLUTION, MODEL_HELP
 
 
 @dataclass
 class FinetuneConfig:
-    method: str = _opt("full", "train the whole UNet + text encoder, or peft LoRA adapters",
-                       choices=("full", "lora"))
+    method: str = _opt("auto", "full: the whole UNet (+ text encoder: SD 1.x/2.x), lora: peft LoRA "
+                               "adapters; auto: the family's default (full for SD 1.x/2.x as the paper, "
+                               "lora for SDXL)",
+                       choices=("auto", "full", "lora"))
     lr: float = _opt(2e-6, "AdamW learning rate for full fine-tuning (S2Edit §4.1)", gt=0)
     lora_lr: float = _opt(1e-4, "AdamW learning rate in LoRA mode", gt=0)
     lora_rank: int = _opt(16, "LoRA rank (UNet attention projections and text encoder)", ge=1, le=4096)
@@ -48,8 +50,8 @@ class SpatialConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = _opt(DEFAULT_MODEL, "hub id, local diffusers folder, or a random preset (tiny, tiny-v, "
-                                     "sd-v1-random)")
+    model: str = _opt(DEFAULT_MODEL, MODEL_HELP)
+    lora: str | None = _opt(None, LORA_HELP)
     image: str = _opt("examples/astronaut.png", "the ONE image whose subject becomes the placeholder token")
     prompt: str = _opt("a photo of a [I] woman", "enhanced prompt P~, containing the placeholder")
     object: str = _opt("woman", "word of the prompt naming the subject; its attention gives the object mask")

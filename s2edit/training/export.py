@@ -89,6 +89,8 @@ class ExportManifest:
     config: dict[str, Any]
     lora_rank: int | None = field(default=None, metadata={"ge": 1})
     base_probe: dict[str, list[float]] = field(default_factory=dict)
+    base_lora: str | None = None  # the LoRA file fused into the base model's UNet before fine-tuning
+    base_lora_sha256: str | None = None
     files: dict[str, str] = field(default_factory=dict)  # weight file → sha256
     weights_sha256: str = ""  # one fingerprint over every weight file (the inversion cache keys on it)
     format: str = EXPORT_FORMAT
@@ -388,6 +390,22 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], file: P
         raise InputError(f"'{file}' does not fit the base model '{base}': {detail}") from None
 
 
+def _base_lora(path: Path, manifest: ExportManifest, override: str | None) -> Path | None:
+    """The LoRA file to fuse into the base, checked against the manifest's sha256."""
+    if manifest.base_lora is None:
+        if override is not None:
+            raise InputError(f"export '{path}' was trained without a base LoRA: drop lora={override}")
+        return None
+    lora = Path(override or manifest.base_lora).expanduser()
+    if not lora.is_file():
+        raise InputError(f"export '{path}' was trained on base model + LoRA '{manifest.base_lora}', which is "
+                         "not there: pass lora=<where the file is now>")
+    if file_sha256(lora) != manifest.base_lora_sha256:
+        raise InputError(f"lora file '{lora}' is not the LoRA the export '{path}' was trained with "
+                         "(sha256 differs)")
+    return lora
+
+
 def _check_probe(model: ModelFamily, manifest: ExportManifest, base: str) -> None:
     probe = base_model_probe(model)
     for name, values in manifest.base_probe.items():
@@ -406,21 +424,25 @@ def load_export(
     dtype: torch.dtype = torch.float32,
     base_model: str | None = None,
     verify: bool = True,
+    base_lora: str | None = None,
 ) -> tuple[ModelFamily, ExportManifest]:
     """Load an export folder: the base model, the placeholder tokens (same ids), the fine-tuned weights.
 
     `base_model` overrides the manifest's base (e.g. a local copy of the hub model); it must be the same
-    model. `verify` checks every weight file's sha256 against the manifest. All weights are loaded
-    strictly; only safetensors files are read. Returns the model in eval mode without gradients.
+    model. `base_lora` says where the LoRA file fused into the base during training lies now (it must be
+    the same file: its sha256 is checked). `verify` checks every weight file's sha256 against the
+    manifest. All weights are loaded strictly; only safetensors files are read. Returns the model in eval
+    mode without gradients.
     """
     # 1. Manifest and files
     path = Path(path)
     manifest = read_manifest(path)
     _check_files(path, manifest, verify)
     base = base_model or manifest.base_model
+    lora = _base_lora(path, manifest, base_lora)
 
     # 2. Base model, then the same placeholder ids as in training
-    model = load_model(base)
+    model = load_model(base, lora=lora)
     _check_probe(model, manifest, base)
     names = weight_files(manifest.method, model)
     if set(manifest.files) != {*names.values(), EMBEDDINGS}:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from editkit.errors import ReportedError
-from editkit.files import slug
+from editkit.files import file_sha256, slug
 from editkit.images import to_unit
 from s2edit.core.attention import (
     AttentionController,
@@ -90,8 +90,8 @@ class S2EditModule(L.LightningModule):
 
         # 1. Base model; its components are registered as submodules by their names (unet,
         #    text_encoder, …, then vae: checkpointed and moved by Lightning, the optimiser's order)
-        self.model: ModelFamily = load_model(config.model)
-        for name, component in {**self.model.trainable_components(), "vae": self.model.vae}.items():
+        self.model: ModelFamily = load_model(config.model, lora=config.lora)
+        for name, component in {**self.model.trainable_components(), **self.model.components()}.items():
             self.add_module(name, component)
         self.base_probe = base_model_probe(self.model)  # lets the export loader detect a different base
 
@@ -101,12 +101,15 @@ class S2EditModule(L.LightningModule):
             for placeholder, init_word in placeholder_specs(config)
         }
 
-        # 3. What trains: the whole denoiser + text encoder(s) (paper), or LoRA adapters; always the new
-        #    token rows
-        self.method = config.finetune.method
+        # 3. What trains: the family's trainable components whole (paper) or LoRA adapters on them; always
+        #    the new token rows of every text encoder
+        method = config.finetune.method
+        self.method = self.model.default_finetune if method == "auto" else method
         self.lora_rank = config.finetune.lora_rank
-        self.model.vae.requires_grad_(False).eval()
         trainable = self.model.trainable_components()
+        for name, component in self.model.components().items():
+            if name not in trainable:  # the VAE, and text encoders of families that keep them frozen
+                component.requires_grad_(False).eval()
         for component in trainable.values():
             component.train()
             component.requires_grad_(self.method != "lora")
@@ -132,6 +135,7 @@ class S2EditModule(L.LightningModule):
         self.attention_weight = config.spatial.loss_weight
         self.image_log_every = config.image_log_every
         self.base_model = config.model
+        self.base_lora = config.lora
         self.resolution = config.resolution or self.model.native_resolution
         self.num_train_timesteps = self.model.scheduler.config.num_train_timesteps
         # One controller object routes every cross-attention layer for the whole fit (installed in
@@ -144,7 +148,7 @@ class S2EditModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self) -> None:
-        if self.device.type == "cuda":  # frozen parts may be half precision (STYLE habit 3)
+        if self.device.type == "cuda" and not self.model.upcast_vae:  # frozen parts may be half precision
             self.model.vae.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         self._installed = contextlib.ExitStack()
         self._installed.enter_context(self.model.attention_control(self.attention, cross_only=True))
@@ -290,6 +294,8 @@ class S2EditModule(L.LightningModule):
         ]
         manifest = ExportManifest(
             base_model=self.base_model,
+            base_lora=self.base_lora,
+            base_lora_sha256=file_sha256(Path(self.base_lora).expanduser()) if self.base_lora else None,
             method=self.method,
             resolution=self.resolution,
             tokens=tokens,

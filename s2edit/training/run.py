@@ -38,7 +38,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 TENSORBOARD_NAME = "tb"
 # keys a resumed run must share with the checkpoint it continues
-RESUME_KEYS = ("model", "image", "prompt", "object", "placeholder", "reference", "reference_prompt",
+RESUME_KEYS = ("model", "lora", "image", "prompt", "object", "placeholder", "reference", "reference_prompt",
                "resolution", "finetune.method", "finetune.lora_rank")
 
 

@@ -268,7 +268,8 @@ class VirtualMethod(EditMethod):
         """Branches from one seeded noise: the same seed gives the same edit on any device."""
         model, settings = editor.model, plan.settings
         n_rows = plan.n_targets + 2  # [S, T…, M]
-        if is_lcm(model.scheduler_config):
+        lcm = settings.schedule == "lcm" or (settings.schedule == "auto" and is_lcm(model.scheduler_config))
+        if lcm:  # the LCM timesteps of the model's betas (an LCM model, or an LCM-LoRA on any scheduler)
             schedule = DDIMSchedule.lcm(model.scheduler_config, plan.steps)
         else:
             schedule = DDIMSchedule.from_scheduler(model.scheduler, plan.steps)
