@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from s2edit.core.attention import AttentionCall, AttentionController
 from s2edit.core.engine import StepState
@@ -162,3 +164,19 @@ def compositional_editor(make_export, tame_tiny_model):
     tokens = [("[I]", "a photo of a [I] cat", "cat"), ("[A]", "a photo of a dog with [A] stripes", "stripes")]
     ckpt = make_export(tame_tiny_model(), tokens, [identity, attribute], resolution=128)
     return Editor.from_export(ckpt, device="cpu", progress=False)
+
+
+def lora_file(model: ModelFamily, path: Path, prefix: str = "unet.", rank: int = 4) -> torch.nn.Module:
+    """A random LoRA on the model's UNet attention projections, saved as safetensors with `prefix`
+    keys (diffusers' layout); returns a copy of the UNet with the adapter active: the reference."""
+    unet = load_model(model.source).unet
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:  # gaussian init leaves B at zero: give the adapter an effect
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    state = get_peft_model_state_dict(unet)
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
+    return unet

@@ -376,3 +376,34 @@ def test_app_script_refuses_a_bad_model_in_one_line(tmp_path, capsys) -> None:
         app_script.parse_args(["--help"])
     assert exit_.value.code == 0 and "--ckpt" in capsys.readouterr().out
 
+
+
+# ----------------------------------------------------------------------------------------- SDXL
+
+
+def test_the_app_edits_and_fine_tunes_sdxl_at_its_native_size(tmp_path) -> None:
+    """An SDXL model in the app (tiny-xl): the working size defaults to the family's native size, edits
+    are infer.py's, and the Identity tab fine-tunes the SDXL way (LoRA on the UNet)."""
+    settings = ui.AppSettings(model="tiny-xl", workdir=tmp_path / "app")
+    xl_app = ui.EditingApp(settings)
+    xl_app.launch(port=free_port(), block=False)
+    try:
+        model = xl_app.editors.default.model
+        assert model.name == "sdxl" and xl_app.editors.default.resolution == model.native_resolution == 256
+        client = Client(xl_app.blocks.local_url, verbose=False)
+        out = edit(client, CAT, "a photo of a cat", "a photo of a tiger", steps=2, iterations=2)
+        report = json.loads(Path(out["report"]).read_text())
+        assert report["model"]["family"] == "sdxl" and report["method"] == "virtual"
+        working = tuple(xl_app.editors.default.load_image(CAT).shape[-2:])  # area ≈ 256², sides of 32·k
+        assert pixels(out["edit"]).shape[:2] == working and working[1] == 320 and working[0] % 32 == 0
+        status, *_ = client.predict(image=handle_file(str(ASTRONAUT)), prompt="a photo of a [I] woman",
+                                    object_word="woman", steps=1, api_name="/train")
+        export = Path(status.split("→ `")[1].split("`")[0])
+        manifest = json.loads((export / "manifest.json").read_text())
+        assert (manifest["base_model"], manifest["method"]) == ("tiny-xl", "lora")
+        out = edit(client, ASTRONAUT, "a photo of a [I] woman", "a photo of a [I] woman smiling",
+                   method="direct", steps=2, iterations=0)
+        report = json.loads(Path(out["report"]).read_text())
+        assert report["model"]["ckpt"] == str(export) and report["model"]["family"] == "sdxl"
+    finally:
+        xl_app.blocks.close()

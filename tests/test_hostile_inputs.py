@@ -265,6 +265,15 @@ ROWS = [
      lambda tmp, paths: (tmp / "gone.png").symlink_to(tmp / "nowhere.png"), ()),
     ("spl-source-symlink-loop", "spl", ["source={tmp}/loop.png"],
      "source='{tmp}/loop.png' is a symbolic link that loops back on itself", _loop("loop.png"), ()),
+    # LoRA files: read before any model loads, never a pickle; an export knows whether it had one
+    ("train-lora-missing", "train", ["lora={tmp}/none.safetensors"],
+     "lora file '{tmp}/none.safetensors' does not exist", None, ()),
+    ("infer-lora-a-pickle", "infer", ["lora={tmp}/lora.bin"],
+     "lora file '{tmp}/lora.bin' is a pickle (.bin): only .safetensors files are loaded", _file("lora.bin"),
+     ()),
+    ("infer-lora-a-folder", "infer", ["lora={tmp}"], "lora file '{tmp}' is a folder", None, ()),
+    ("infer-ckpt-given-a-lora", "infer", ["ckpt={ckpt}", "target=a photo of a [I] dog", "lora={photo}"],
+     "was trained without a base LoRA: drop lora=", None, ()),
     # the method's settings: a setting of a method the edit does not use
     ("infer-setting-of-another-method", "infer", ["method=virtual"],
      "steps=2 is a setting of method=p2p, which this edit does not use (method=virtual)", None, ()),

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from conftest import tolerance
+from conftest import lora_file, tolerance
 from editkit.errors import InputError
 from s2edit.core.attention import stored_map_bytes, unet_attention_layers
 from s2edit.core.family import Conditioning, NonFiniteError
@@ -193,22 +192,6 @@ def test_stored_attention_at_1024_is_one_map_sum_per_level() -> None:
 
 
 # ----------------------------------------------------------------------------------------- lora=
-
-
-def lora_file(model: StableDiffusionXL, path, prefix: str = "unet.", rank: int = 4) -> torch.nn.Module:
-    """A random LoRA on the model's UNet attention projections, saved as safetensors with `prefix`
-    keys (diffusers' layout); returns a copy of the UNet with the adapter active: the reference."""
-    unet = load_model(model.source).unet
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights="gaussian"))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:  # gaussian init leaves B at zero: give the adapter an effect
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    state = get_peft_model_state_dict(unet)
-    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
-    return unet
 
 
 @torch.no_grad()

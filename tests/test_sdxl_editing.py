@@ -9,12 +9,13 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from PIL import Image
 
-from conftest import IMAGE, tolerance
+from conftest import IMAGE, lora_file, tolerance
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
 from s2edit.core.attention import stored_map_bytes
@@ -315,3 +316,44 @@ def test_train_infer_and_evaluate_run_sdxl_from_the_command_line(trained, tmp_pa
     assert code == 0, err
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert (summary["items"], summary["done"], summary["model"]) == (1, 1, "tiny-xl")
+
+
+def test_an_lcm_lora_on_sdxl_edits_and_fine_tunes_through_lora(trained, tmp_path) -> None:
+    """SDXL + LCM-LoRA (here a random LoRA file of tiny-xl's UNet): `lora=` fuses it, virtual.schedule=lcm
+    samples the LCM timesteps; an export trained on base + LoRA records the file and reloads only with
+    the same file (moved: lora= says where)."""
+    lora = tmp_path / "lcm_lora.safetensors"
+    lora_file(load_model("tiny-xl"), lora)
+    edits = {}
+    for name, extra in (("plain", []), ("lora", [f"lora={lora}"])):
+        out = tmp_path / name
+        code, err = main_in_process(infer.main, ["model=tiny-xl", f"image={IMAGE}", f"source={SOURCE}",
+                                                 f"target={TARGET}", "resolution=128", "virtual.steps=2",
+                                                 "virtual.schedule=lcm", "spl.iterations=0", f"out={out}",
+                                                 *extra])
+        assert code == 0, err
+        edits[name] = json.loads((out / "report.json").read_text())
+    assert edits["lora"]["model"]["weights"] != edits["plain"]["model"]["weights"]  # the UNet changed
+    assert (pixels_of(tmp_path / "lora" / "edit_0.png") != pixels_of(tmp_path / "plain" / "edit_0.png")).any()
+
+    run = tmp_path / "train"
+    code, err = main_in_process(train.main, ["model=tiny-xl", f"lora={lora}", f"image={trained['image']}",
+                                             "prompt=a photo of a [I] cat", "object=cat", "resolution=64",
+                                             "max_steps=1", "image_log_every=0", f"out={run}"])
+    assert code == 0, err
+    manifest = read_manifest(run / "export")
+    assert manifest.base_lora == str(lora.resolve()) and manifest.base_lora_sha256
+    moved = lora.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(InputError, match="pass lora=<where the file is now>"):
+        load_export(run / "export")
+    model, _ = load_export(run / "export", base_lora=str(moved))
+    assert model.name == "sdxl"
+    other = tmp_path / "other.safetensors"
+    lora_file(load_model("tiny-xl"), other, rank=2)
+    with pytest.raises(InputError, match=r"is not the LoRA the export .* was trained with"):
+        load_export(run / "export", base_lora=str(other))
+
+
+def pixels_of(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

@@ -91,6 +91,14 @@ def check_inputs(cfg: InferConfig, given: Iterable[str] | None = None) -> Inputs
     if source is None:
         raise InputError('no source prompt: pass source="a photo of a cat" describing the image')
     read_image(image)  # exists, decodes, is large enough
+    if cfg.lora is not None:
+        from s2edit.core.lora import check_lora_file
+
+        check_lora_file(Path(cfg.lora).expanduser())
+    if manifest is not None:
+        from s2edit.training.export import base_lora_file
+
+        base_lora_file(Path(cfg.ckpt), manifest, cfg.lora)  # the export's base LoRA is where it says
     out = check_output(cfg, image)
     method = choose_method(cfg, given, default=cfg.default_method)
     return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest, method))

@@ -65,6 +65,10 @@ def check_inputs(cfg: EvaluateConfig, given: Iterable[str] | None = None) -> tup
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out='{out}' is a file: pass a folder")
+    if cfg.lora is not None:
+        from s2edit.core.lora import check_lora_file
+
+        check_lora_file(Path(cfg.lora).expanduser())
     items = read_dataset(cfg.data, edit_types=cfg.edit_types or None)
     items = items[: cfg.limit] if cfg.limit is not None else items
     if not items:

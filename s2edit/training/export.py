@@ -390,7 +390,7 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], file: P
         raise InputError(f"'{file}' does not fit the base model '{base}': {detail}") from None
 
 
-def _base_lora(path: Path, manifest: ExportManifest, override: str | None) -> Path | None:
+def base_lora_file(path: Path, manifest: ExportManifest, override: str | None) -> Path | None:
     """The LoRA file to fuse into the base, checked against the manifest's sha256."""
     if manifest.base_lora is None:
         if override is not None:
@@ -439,7 +439,7 @@ def load_export(
     manifest = read_manifest(path)
     _check_files(path, manifest, verify)
     base = base_model or manifest.base_model
-    lora = _base_lora(path, manifest, base_lora)
+    lora = base_lora_file(path, manifest, base_lora)
 
     # 2. Base model, then the same placeholder ids as in training
     model = load_model(base, lora=lora)

@@ -135,7 +135,7 @@ class S2EditModule(L.LightningModule):
         self.attention_weight = config.spatial.loss_weight
         self.image_log_every = config.image_log_every
         self.base_model = config.model
-        self.base_lora = config.lora
+        self.base_lora = str(Path(config.lora).expanduser().resolve()) if config.lora else None
         self.resolution = config.resolution or self.model.native_resolution
         self.num_train_timesteps = self.model.scheduler.config.num_train_timesteps
         # One controller object routes every cross-attention layer for the whole fit (installed in
@@ -295,7 +295,7 @@ class S2EditModule(L.LightningModule):
         manifest = ExportManifest(
             base_model=self.base_model,
             base_lora=self.base_lora,
-            base_lora_sha256=file_sha256(Path(self.base_lora).expanduser()) if self.base_lora else None,
+            base_lora_sha256=file_sha256(Path(self.base_lora)) if self.base_lora else None,
             method=self.method,
             resolution=self.resolution,
             tokens=tokens,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from editkit.config import parse_config, run_main
 from editkit.errors import InputError
 from editkit.files import OutputLock, io_errors, refuse_overwriting_inputs
+from s2edit.core.lora import check_lora_file
 from s2edit.core.tokenizer import clip_tokenizer
 from s2edit.training.config import TrainConfig
 from s2edit.training.pairs import TrainingPair, check_pair
@@ -65,6 +66,8 @@ def check_inputs(config: TrainConfig) -> list[TrainingPair]:
             raise InputError(f"accelerator={config.accelerator} needs a CUDA GPU, and none is available: "
                              "use accelerator=auto or accelerator=cpu")
     check_output(config)
+    if config.lora is not None:
+        check_lora_file(Path(config.lora).expanduser())
     pairs = training_pairs(config)
     tokenizer = clip_tokenizer()  # the checks add the placeholders to this fresh copy
     for pair, role in zip(pairs, ("prompt", "reference_prompt")):
@@ -80,7 +83,7 @@ def check_output(config: TrainConfig) -> None:
     """`out` is a folder (made if missing) and the run never writes over or replaces an input file."""
     out = Path(config.out)
     inputs = {"image": config.image, "mask": config.mask, "reference": config.reference,
-              "reference_mask": config.reference_mask}
+              "reference_mask": config.reference_mask, "lora": config.lora}
     refuse_overwriting_inputs("out", out, inputs, files=[out])
     if out.exists() and not out.is_dir():
         raise InputError(f"out='{out}' is a file: pass a folder (it receives export/, checkpoints/ and tb/)")
