@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from editkit.images import load_image
 from s2edit.core.denoiser import GuidedDenoiser
 from s2edit.core.diffusion import DDIMSchedule, ddim_step
-from s2edit.core.family import ModelFamily
+from s2edit.core.family import Conditioning, ModelFamily
 from s2edit.core.loading import load_model
 from s2edit.core.runtime import retain_freed_memory
 from s2edit.core.settings import NullTextSettings, SPLSettings, VirtualSettings
@@ -68,7 +68,7 @@ PAPER_A100_S = {"null_text": 113.0, "edit": 9.0}  # S2Edit §4 / SPEC §8, SD v1
 
 @dataclass
 class ReferenceResult:
-    null_embeddings: torch.Tensor  # (N, L, D)
+    nulls: Conditioning | None  # ∅_i per step (N rows)
     losses: list[float] = field(default_factory=list)
     inner_steps: list[int] = field(default_factory=list)
     unet_calls: int = 0  # UNet row evaluations
@@ -82,24 +82,25 @@ def reference_null_text(
     guidance: float,
     nti: NullTextSettings | None = None,
 ) -> ReferenceResult:
-    """Null-text inversion as one would first write it: the full CFG batch at every inner step (an SD
-    model: the context is the only conditioning)."""
+    """Null-text inversion as one would first write it: the full CFG batch at every inner step, every
+    tensor of the unconditional input optimised (SD: the context; SDXL: the context and the pooled
+    embedding)."""
     nti = nti or NullTextSettings()
     with torch.no_grad():
         z0 = sd.encode_image(image.to(sd.device)).float()
-        conditioning = sd.encode_prompt([prompt]).float()
-        cond, null = conditioning.context, sd.encode_prompt([""]).float().context
+        cond = sd.encode_prompt([prompt]).float()
+        null = sd.unconditional().float()
     schedule = DDIMSchedule.from_scheduler(sd.scheduler, steps)
-    latents = ddim_inversion(GuidedDenoiser(sd), z0, conditioning, schedule, progress=False)
+    latents = ddim_inversion(GuidedDenoiser(sd), z0, cond, schedule, progress=False)
     n = len(schedule)
     z = latents[n : n + 1]
-    result = ReferenceResult(torch.empty(0))
+    result = ReferenceResult(None)
     stored = []
 
-    def guided(z: torch.Tensor, t: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-        out = sd.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([null, cond])).sample.float()
+    def guided(z: torch.Tensor, t: torch.Tensor, null: Conditioning, alpha: float) -> torch.Tensor:
+        out = sd.predict(torch.cat([z, z]), t, Conditioning.cat([null, cond]))
         result.unet_calls += 2
-        eps_uncond, eps_cond = out.chunk(2)
+        eps_uncond, eps_cond = sd.to_epsilon(out, torch.cat([z, z]), alpha).chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
     for i in range(n):
@@ -108,24 +109,24 @@ def reference_null_text(
             float(schedule.alphas[i]),
             float(schedule.alphas_prev[i]),
         )
-        null = null.detach().clone().requires_grad_(True)  # Adam updates in place: a fresh leaf
-        optimizer = torch.optim.Adam([null], lr=nti.lr * (1.0 - i / 100.0))
+        null = null.map(lambda x: x.detach().clone().requires_grad_(True))  # Adam updates in place
+        optimizer = torch.optim.Adam(null.tensors(), lr=nti.lr * (1.0 - i / 100.0))
         target = latents[n - 1 - i : n - i]
         updates = 0
         for _ in range(nti.inner_steps):  # the reference's order: loss, Adam step, then the early stop
-            loss = F.mse_loss(ddim_step(z, guided(z, t, null), alpha, alpha_prev), target)
+            loss = F.mse_loss(ddim_step(z, guided(z, t, null, alpha), alpha, alpha_prev), target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             updates += 1
             if loss.item() < nti.early_stop + i * nti.early_stop_growth:
                 break
-        stored.append(null.detach()[0].clone())
+        stored.append(null.detach().map(torch.clone))
         with torch.no_grad():
-            z = ddim_step(z, guided(z, t, null.detach()), alpha, alpha_prev)
+            z = ddim_step(z, guided(z, t, null.detach(), alpha), alpha, alpha_prev)
         result.losses.append(F.mse_loss(z, target).item())
         result.inner_steps.append(updates)
-    result.null_embeddings = torch.stack(stored)
+    result.nulls = Conditioning.stack(stored)
     return result
 
 
@@ -137,7 +138,7 @@ def damped_model(preset: str, device: str) -> ModelFamily:
     with torch.no_grad():
         sd.unet.conv_out.weight.mul_(OUTPUT_DAMPING)
         sd.unet.conv_out.bias.mul_(OUTPUT_DAMPING)
-    for module in (sd.unet, sd.vae, sd.text_encoder):
+    for module in sd.components().values():
         module.requires_grad_(False)
     return sd
 
@@ -168,14 +169,17 @@ def pass_costs(sd: ModelFamily, image: torch.Tensor, args: argparse.Namespace) -
     latent = torch.zeros(1, sd.latent_channels, *(side // sd.vae_scale_factor for side in image.shape[-2:]))
     t = torch.tensor(500, device=args.device)
 
+    with torch.no_grad():
+        shapes = sd.unconditional()  # the conditioning's tensors (context; + pooled for SDXL)
+
     def one_pass(rows: int, backward: bool) -> None:
         z = latent.to(args.device).expand(rows, -1, -1, -1)
-        embeds = torch.randn(rows, 77, sd.text_encoder.config.hidden_size, device=args.device)
-        embeds.requires_grad_(backward)
+        cond = shapes.map(lambda x: torch.randn(rows, *x.shape[1:], device=args.device)
+                          .requires_grad_(backward))
         with torch.set_grad_enabled(backward):
-            out = sd.unet(z, t, encoder_hidden_states=embeds).sample
+            out = sd.predict(z, t, cond)
             if backward:
-                torch.autograd.grad(out.float().square().mean(), [embeds])
+                torch.autograd.grad(out.square().mean(), cond.tensors())
 
     costs = {}
     for rows in (1, 2):
@@ -219,7 +223,8 @@ def bench_preset(preset: str, steps: int, args: argparse.Namespace) -> dict:
     else:
         row["reference_s"], ref = timed(reference, args.device, args.repeats)
         row["speedup"] = row["reference_s"] / row["null_text_s"]
-        row["max_abs_diff"] = float((inversion.nulls.context - ref.null_embeddings.cpu()).abs().max())
+        row["max_abs_diff"] = max(float((ours - theirs.cpu()).abs().max())
+                                  for ours, theirs in zip(inversion.nulls.tensors(), ref.nulls.tensors()))
         row["same_updates"] = inversion.inner_steps == ref.inner_steps
     row["updates"] = sum(inversion.inner_steps)
     row["negative_prompt_s"], _ = timed(

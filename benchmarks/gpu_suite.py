@@ -1,7 +1,7 @@
 """One-call GPU benchmark: every GPU row of BENCHMARKS.md in one command (< 8 minutes on one H100/H200).
 
-    python benchmarks/gpu_suite.py [--out benchmarks/gpu_results.md] [--device cuda] [--resolution 512]
-    python benchmarks/gpu_suite.py --smoke --out /tmp/smoke.md      # tiny model, 2 steps, CPU (CI test)
+    python benchmarks/gpu_suite.py [--out benchmarks/gpu_results.md] [--device cuda] [--skip sdxl …]
+    python benchmarks/gpu_suite.py --smoke --out /tmp/smoke.md      # tiny models, 2 steps, CPU (CI test)
 
 On the full-size random SD v1 (`sd-v1-random`, UNet output damped ×0.1 as in the tests so DDIM
 trajectories stay well conditioned; timing is unaffected) at 512², bf16 on the GPU, it measures:
@@ -12,10 +12,14 @@ trajectories stay well conditioned; timing is unaffected) at 512², bf16 on the 
    never reach its early stop, so this is its worst case);
 3. one P2P edit with in-loop SPL and post-processing (50 steps);
 4. 100 SPL iterations (`spl.refine`, SPL + CPL) at 512² and 1024²;
-5. the SPEC §9 virtual-inversion edit at 15 steps with SPL.
+5. the SPEC §9 virtual-inversion edit at 15 steps with SPL;
+
+then the same on the full-size random SDXL (`sdxl-random`) at 1024² (SPEC §10): LoRA fine-tuning (the
+SDXL default) with and without gradient checkpointing, null-text and Direct inversion, one P2P edit with
+SPL, and the virtual edit.
 
 It writes a Markdown table (with the machine, versions and the paper's A100 figures) to `--out` and
-prints it. `--smoke` runs the same code on the tiny model, 2 steps, 128², on the CPU, in about a minute.
+prints it. `--smoke` runs the same code on the tiny models (tiny, tiny-xl), 2 steps, 128², on the CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from editkit.files import atomic_path  # noqa: E402
 IMAGE = ROOT / "examples" / "chelsea.png"
 TRAIN_IMAGE = ROOT / "examples" / "astronaut.png"
 SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
+SD1, SDXL = "sd-v1-random", "sdxl-random"
 PAPER_A100 = {  # S2Edit §4 / SPEC §8, SD v1-4 at 512² on an A100
     "fine-tune full": "~95 s (200 steps)",
     "null_text inversion": "~113 s",
@@ -92,19 +97,21 @@ class StepTimer(L.Callback):
 # ----------------------------------------------------------------------------------------- sections
 
 
-def fine_tuning(args: argparse.Namespace, rows: list[list[str]]) -> None:
-    """Steps/s of Lightning's fit after warm-up, and peak memory, for four configurations."""
+def fine_tuning(args: argparse.Namespace, rows: list[list[str]], model: str, resolution: int,
+                methods: tuple[str, ...] = ("full", "lora")) -> None:
+    """Steps/s of Lightning's fit after warm-up, and peak memory, per method, with and without gradient
+    checkpointing."""
     from editkit.config import parse_config
     from s2edit.core.trainer import lightning_precision
     from s2edit.training import run as train
     from s2edit.training.config import TrainConfig
 
     warmup, steps = (1, 1) if args.smoke else (3, 10)
-    for method in ("full", "lora"):
+    for method in methods:
         for checkpointing in (False, True):
             reset_peak(args.device)
             argv = [
-                f"model={args.model}", f"resolution={args.resolution}", f"finetune.method={method}",
+                f"model={model}", f"resolution={resolution}", f"finetune.method={method}",
                 f"finetune.gradient_checkpointing={str(checkpointing).lower()}", "image_log_every=0",
                 f"image={TRAIN_IMAGE}", f"max_steps={warmup + steps}",
                 f"accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}",
@@ -114,14 +121,17 @@ def fine_tuning(args: argparse.Namespace, rows: list[list[str]]) -> None:
             timer = StepTimer(args.device)
             train.fit(config, train.check_inputs(config), callbacks=[timer], progress=False)
             per_step = (timer.starts[-1] - timer.starts[warmup]) / steps
-            label = f"fine-tune {method}{' + grad. checkpointing' if checkpointing else ''} ({precision})"
-            paper = PAPER_A100["fine-tune full"] if (method, checkpointing) == ("full", False) else ""
+            label = (f"{model} {resolution}²: fine-tune {method}"
+                     f"{' + grad. checkpointing' if checkpointing else ''} ({precision})")
+            paper_row = (model, method, checkpointing) == (SD1, "full", False)
+            paper = PAPER_A100["fine-tune full"] if paper_row else ""
             speed = f"{1 / per_step:.2f} steps/s ({per_step:.3f} s/step)"
             rows.append([label, speed, peak_gib(args.device), paper])
             print(rows[-1], flush=True)
 
 
-def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
+def editing(args: argparse.Namespace, rows: list[list[str]], model: str, resolution: int,
+            inversions_of: tuple[str, ...] = ("null_text", "direct", "negative_prompt")) -> None:
     """Inversions, one P2P edit with SPL, and the virtual edit, on one damped model."""
     from editkit.images import load_image
     from s2edit.core.loading import load_model
@@ -132,23 +142,24 @@ def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
 
     reset_peak(args.device)
     device = torch.device(args.device)
-    sd = load_model(args.model, device=device, dtype=resolve_dtype("auto", device), seed=0)
+    sd = load_model(model, device=device, dtype=resolve_dtype("auto", device), seed=0)
     with torch.no_grad():
         sd.unet.conv_out.weight.mul_(0.1)
         sd.unet.conv_out.bias.mul_(0.1)
-    editor = Editor(sd, weights=args.model, progress=False)
-    image = load_image(IMAGE, args.resolution, multiple=sd.size_multiple)
+    editor = Editor(sd, weights=model, progress=False)
+    image = load_image(IMAGE, resolution, multiple=sd.size_multiple)
+    at = f"{model} {resolution}²"
     steps = 2 if args.smoke else 50
     dtype = str(sd.dtype).removeprefix("torch.")
     inversions = {}
-    for method in ("null_text", "direct", "negative_prompt"):
+    for method in inversions_of:
         reset_peak(args.device)
         seconds, inversions[method] = timed(
             lambda m=method: editor.invert(image, SOURCE, InversionRequest(m, steps)),
             args.device,
         )
-        paper = PAPER_A100["null_text inversion"] if method == "null_text" else ""
-        label = f"{method} inversion, {steps} steps ({dtype})"
+        paper = PAPER_A100["null_text inversion"] if (model, method) == (SD1, "null_text") else ""
+        label = f"{at}: {method} inversion, {steps} steps ({dtype})"
         rows.append([label, f"{seconds:.1f} s", peak_gib(args.device), paper])
         print(rows[-1], flush=True)
     reset_peak(args.device)
@@ -156,8 +167,9 @@ def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
         lambda: editor.edit(inversions["null_text"], [TARGET], spl=SPLSettings()), args.device
     )
     spl_steps = len(result.metrics["spl_in_loop"])
-    rows.append([f"P2P edit, {steps} steps, SPL in {spl_steps} steps + post-processing", f"{seconds:.1f} s",
-                 peak_gib(args.device), PAPER_A100["P2P edit + SPL"]])
+    paper = PAPER_A100["P2P edit + SPL"] if model == SD1 else ""
+    rows.append([f"{at}: P2P edit, {steps} steps, SPL in {spl_steps} steps + post-processing",
+                 f"{seconds:.1f} s", peak_gib(args.device), paper])
     print(rows[-1], flush=True)
     virtual = VirtualSettings(steps=2 if args.smoke else 15)
     for spl in (SPLSettings(), SPLSettings(structure=False, postprocess=False)):
@@ -166,8 +178,9 @@ def editing(args: argparse.Namespace, rows: list[list[str]]) -> None:
             lambda s=spl: editor.edit_virtual(image, SOURCE, [TARGET], virtual=virtual, spl=s), args.device
         )
         what = f"SPL in {len(result.metrics['spl_in_loop'])} steps + post" if spl.active else "no SPL"
-        rows.append([f"virtual edit (SPEC §9), {virtual.steps} steps, {what}", f"{seconds:.2f} s",
-                     peak_gib(args.device), "target < 2 s at 512² (H100/H200)"])
+        target = "target < 2 s at 512² (H100/H200)" if model == SD1 else ""
+        rows.append([f"{at}: virtual edit (SPEC §9), {virtual.steps} steps, {what}", f"{seconds:.2f} s",
+                     peak_gib(args.device), target])
         print(rows[-1], flush=True)
 
 
@@ -197,11 +210,11 @@ def table(args: argparse.Namespace, rows: list[list[str]], seconds: float) -> st
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
     lines = [
-        f"### GPU suite ({'smoke: tiny model, 2 steps, 128², CPU' if args.smoke else args.model})",
+        f"### GPU suite ({'smoke: tiny models, 2 steps, 128², CPU' if args.smoke else 'full-size models'})",
         "",
         f"{datetime.date.today().isoformat()}, {device}, torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, lightning {lightning.__version__}; {args.model} at {args.resolution}², "
-        f"whole suite {seconds:.0f} s.",
+        f"{args.sdxl_model} at {args.sdxl_resolution}²; whole suite {seconds:.0f} s.",
         "",
         "| measurement | result | peak GPU memory (GiB) | paper (A100, SD v1-4, 512²) / target |",
         "|---|---|---|---|",
@@ -216,18 +229,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu_results.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--model", default="sd-v1-random")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, 128², for CI on a CPU")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "edit", "spl"])
+    parser.add_argument("--model", default=SD1)
+    parser.add_argument("--sdxl-model", default=SDXL)
+    parser.add_argument("--sdxl-resolution", type=int, default=1024)
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 2 steps, 128², for CI on a CPU")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "edit", "spl", "sdxl"])
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.resolution = "tiny", 128
+        args.model, args.resolution, args.sdxl_model, args.sdxl_resolution = "tiny", 128, "tiny-xl", 128
     start = time.perf_counter()
     rows: list[list[str]] = []
-    sections = {"train": fine_tuning, "edit": editing, "spl": spl_iterations}
+    sections = {
+        "train": lambda: fine_tuning(args, rows, args.model, args.resolution),
+        "edit": lambda: editing(args, rows, args.model, args.resolution),
+        "spl": lambda: spl_iterations(args, rows),
+        "sdxl": lambda: (fine_tuning(args, rows, args.sdxl_model, args.sdxl_resolution, methods=("lora",)),
+                         editing(args, rows, args.sdxl_model, args.sdxl_resolution,
+                                 inversions_of=("null_text", "direct"))),
+    }
     for name, section in sections.items():
         if name not in args.skip:
-            section(args, rows)
+            section()
     text = table(args, rows, time.perf_counter() - start)
     with atomic_path(args.out) as tmp:
         tmp.write_text(text)

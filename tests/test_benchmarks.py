@@ -19,11 +19,17 @@ def test_gpu_suite_smoke_writes_every_row(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    sd1, xl = "tiny 128²: ", "tiny-xl 128²: "
     expected = [
-        "fine-tune full", "fine-tune full + grad. checkpointing", "fine-tune lora",
-        "fine-tune lora + grad. checkpointing", "null_text inversion", "direct inversion",
-        "negative_prompt inversion", "P2P edit", "virtual edit (SPEC §9), 2 steps, SPL",
-        "virtual edit (SPEC §9), 2 steps, no SPL", "3 SPL + CPL iterations at 128²",
+        *(sd1 + f"fine-tune {m}" for m in ("full", "full + grad. checkpointing", "lora",
+                                           "lora + grad. checkpointing")),
+        *(sd1 + f"{m} inversion" for m in ("null_text", "direct", "negative_prompt")),
+        sd1 + "P2P edit", sd1 + "virtual edit (SPEC §9), 2 steps, SPL",
+        sd1 + "virtual edit (SPEC §9), 2 steps, no SPL",
+        "3 SPL + CPL iterations at 128²",
+        xl + "fine-tune lora (", xl + "fine-tune lora + grad. checkpointing", xl + "null_text inversion",
+        xl + "direct inversion", xl + "P2P edit", xl + "virtual edit (SPEC §9), 2 steps, SPL",
+        xl + "virtual edit (SPEC §9), 2 steps, no SPL",
     ]
     assert len(labels) == len(expected) and all(a.startswith(b) for a, b in zip(labels, expected)), labels
     for row in rows:  # every measurement is a positive number
