@@ -90,6 +90,12 @@ def remove_temporaries(
     return removed
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """`data` as indented JSON, written atomically (NaN kept as JSON's NaN, other objects as str)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=True) + "\n")
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()

@@ -29,6 +29,16 @@ TokenSpec = tuple[str, str, str]  # (placeholder, prompt P̃ with it, initialise
 OUTPUT_DAMPING = 0.1
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test (and the commands they start) sees an empty metric-weights cache, never the user's
+    ~/.cache: a test that wants weights installs them into its own folder."""
+    path = tmp_path_factory.mktemp("weights-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("S2EDIT_WEIGHTS", str(path))
+        yield path
+
+
 def tolerance(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
     """`torch.testing.assert_close` tolerances for results that went through DIFFERENT kernels (another
     batch row or batch size, a fused vs explicit attention): a few units of the dtype's rounding,

@@ -30,6 +30,7 @@ from PIL import Image
 
 from conftest import ROOT
 from editkit.config import parse_config, run_main
+from editkit.files import file_sha256
 from editkit.images import load_image
 from s2edit.evaluation import run as evaluate
 from s2edit.evaluation.config import EvaluateConfig
@@ -238,8 +239,14 @@ def test_skipped_weight_metrics_are_reported_as_skipped(resumed_run: dict) -> No
     assert "| CLIP score ↑ | skipped | skipped |" in summary
     assert "| DINO structure distance ↓ | skipped |" in summary
     assert "- clip: skipped: CLIP weights not found (no path given)" in summary
-    assert "- fid: skipped: FID Inception weights not found (no path given)" in summary
-    assert "- lpips:" not in summary
+    assert "- fid: skipped: FID weights are not installed: run `python -m s2edit.metrics install fid`" \
+        in summary
+    assert "- dists: skipped: DISTS weights are not installed" in summary
+    skipped = summary[summary.index("## Skipped metrics"):]
+    assert "- lpips:" not in skipped
+    weights = summary[summary.index("## Metric weights"):summary.index("## Skipped metrics")]
+    lpips_file = Path(json.loads((out / "summary.json").read_text())["weights"]["lpips"].split("`")[1])
+    assert f"- lpips: `{lpips_file}` (sha256 {file_sha256(lpips_file)})" in weights
     data = json.loads((out / "summary.json").read_text())
     assert data["set_metrics"]["fid"].startswith("skipped: ")
     assert data["metrics"]["clip_score"]["all"]["skipped"] and data["metrics"]["clip_score"]["all"]["n"] == 0
@@ -293,7 +300,8 @@ def test_compare_makes_one_table_and_one_plot(resumed_run: dict, tmp_path: Path)
     psnr = [float(row["psnr"]) for row in rows]
     mean, std = sum(psnr) / 5, statistics.stdev(psnr)
     line = next(line for line in table.splitlines() if line.startswith("| plus1 |"))
-    assert f"| {mean + 1:.4g} ± {std:.4g} (n=5) |" in line and line.count("skipped") == 4  # CLIP ×3, DINO
+    assert f"| {mean + 1:.4g} ± {std:.4g} (n=5) |" in line
+    assert line.count("skipped") == 6  # CLIP ×3, DINO, DISTS ×2
     assert "LPIPS (x) against PSNR (dB) (y)" in table and "CLIP score → PSNR (dB)" in table
     with Image.open(out / "compare.png") as image:
         assert image.format == "PNG"

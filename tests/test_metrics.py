@@ -121,16 +121,19 @@ def test_structure_distance_spl_is_the_spl_loss_per_item() -> None:
 
 
 def test_a_suite_without_weights_reports_skipped_strings_never_numbers(tmp_path: Path) -> None:
-    suite = MetricSuite(clip=tmp_path / "no-clip-here")
+    suite = MetricSuite(clip=tmp_path / "no-clip-here", cache=tmp_path / "empty-cache")
     assert suite.available() == []
     skipped = suite.skipped()
-    assert set(skipped) == {"lpips", "clip", "dino", "fid"}
-    assert all(reason.startswith("skipped: ") and "not found" in reason for reason in skipped.values())
-    assert "CLIP" in skipped["clip"] and "no-clip-here" in skipped["clip"]
+    assert set(skipped) == {"lpips", "dists", "clip", "dino", "fid"}
+    assert all(reason.startswith("skipped: ") for reason in skipped.values())
+    assert "CLIP" in skipped["clip"] and "no-clip-here" in skipped["clip"] and "not found" in skipped["clip"]
     assert "no path given" in skipped["dino"]
+    for name in ("lpips", "dists", "fid"):  # the registry-backed ones say how to get them
+        assert skipped[name].endswith(f"not installed: run `python -m s2edit.metrics install {name}`")
     source, edited = random_images(batch=1), random_images(batch=1, seed=1)
     result = suite.per_item(source[0], edited[0], "a photo", left_half_mask())
-    for key in ("lpips", "lpips_unedited", "clip_score", "clip_score_edit_region", "clip_score_source",
+    for key in ("lpips", "lpips_unedited", "dists", "dists_unedited", "clip_score", "clip_score_edit_region",
+                "clip_score_source",
                 "structure_distance"):
         assert isinstance(result[key], str) and result[key].startswith("skipped: "), key
     for key in ("psnr", "ssim", "mse", "psnr_unedited", "ssim_unedited", "mse_unedited", "mask_leak",
@@ -244,6 +247,17 @@ def test_clip_score_is_100_times_the_clamped_cosine(clip_folder: Path) -> None:
     expected = 100 * direct_clip_cosine(clip_folder.parent / "flipped", masked, "a red car").clamp(min=0)
     assert (expected > 0).all()
     assert torch.allclose(scorer(images, "a red car", mask), expected, atol=1e-4)
+
+
+def test_why_the_clip_score_is_our_own_torchmetrics_takes_no_local_folder(clip_folder: Path) -> None:
+    """torchmetrics' CLIPScore accepts only its listed hub ids (or a callable): a local CLIP folder, the only
+    kind this offline project can load, is refused. Ours scores from that folder."""
+    from torchmetrics.multimodal.clip_score import CLIPScore as TorchmetricsCLIPScore
+
+    with pytest.raises(ValueError, match="Not supported"):
+        TorchmetricsCLIPScore(model_name_or_path=str(clip_folder))
+    images = random_images(batch=1, size=(32, 32))
+    assert 0 <= float(CLIPScore.from_pretrained(clip_folder)(images, "a cat")[0]) <= 100
 
 
 def test_clip_resizes_and_centre_crops_like_the_image_processor(clip_folder: Path) -> None:

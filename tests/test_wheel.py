@@ -110,6 +110,8 @@ def test_one_item_evaluation_from_the_wheel(installed) -> None:
          "virtual.steps=2", "spl.iterations=2", "progress=false", "out=eval"], work, env)
     summary = json.loads((work / "eval" / "summary.json").read_text())
     assert summary["done"] == 1 and (work / "eval" / "items" / "cat-tiger" / "DONE").is_file()
+    listing = run([str(python.parent / "s2edit-metrics"), "list", "--cache", "weights"], work, env)
+    assert f"weights cache: {work / 'weights'}" in listing and "fid: not installed" in listing
 
 
 def test_the_app_starts_from_the_wheel(installed) -> None:

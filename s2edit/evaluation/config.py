@@ -26,18 +26,22 @@ EXECUTION_KEYS = ("out", "limit", "edit_types", "devices", "num_nodes", "strateg
 
 @dataclass(frozen=True)
 class MetricWeightsConfig:
-    """Local weight files of the weight-backed metrics (SPEC §8); null or missing → reported as skipped."""
+    """Weights of the weight-backed metrics (SPEC §8): LPIPS, FID and DISTS from the weights cache unless a
+    file is given; CLIP and DINO from local paths only. Without weights a metric is reported as skipped."""
 
-    lpips: str | None = setting(None, "LPIPS backbone: a torchvision state dict of lpips_net's model "
-                                      "(squeezenet1_1-*.pth, PIE-Bench's choice)")
-    lpips_net: str = setting("squeeze", "LPIPS backbone architecture", choices=("squeeze", "alex", "vgg"))
+    lpips: str | None = setting(None, "LPIPS backbone: a torchvision state dict (squeezenet1_1-*.pth, "
+                                      "PIE-Bench's choice; alexnet / vgg16); null: the weights cache")
+    lpips_net: str = setting("auto", "LPIPS backbone architecture (auto: told from the file; AlexNet from "
+                                     "the cache)", choices=("auto", "squeeze", "alex", "vgg"))
     lpips_lin: str | None = setting(None, "LPIPS linear-layer weights (default: the copy torchmetrics ships)")
     clip: str | None = setting(None, "local Hugging Face CLIP folder (PIE-Bench: "
                                      "openai/clip-vit-large-patch14)")
     dino: str | None = setting(None, "DINO ViT-B/8: dino_vitbase8_pretrain.pth or a local "
                                      "facebook/dino-vitb8 folder (structure distance)")
-    fid: str | None = setting(None, "torch-fidelity's Inception weights file (FID over the set; needs "
-                                    "torch-fidelity)")
+    fid: str | None = setting(None, "torch-fidelity's Inception weights file (needs torch-fidelity); null: "
+                                    "the weights cache's TF-FID Inception")
+    cache: str | None = setting(None, "weights cache filled by `python -m s2edit.metrics install` (LPIPS, "
+                                      "FID, DISTS; default: $S2EDIT_WEIGHTS, else ~/.cache/s2edit/weights)")
 
 
 @dataclass(frozen=True)

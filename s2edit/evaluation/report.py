@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from editkit.files import atomic_path
+from editkit.files import atomic_path, write_json
 from s2edit.evaluation.datasets import EDIT_TYPES, EditItem
 from s2edit.evaluation.items import ITEM_ERROR, ITEM_REPORT, ITEMS_DIR, is_done, item_folder
-from s2edit.evaluation.runner import write_json
 
 METRICS_CSV = "metrics.csv"
 SUMMARY_MD = "summary.md"
@@ -42,6 +41,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "structure_distance_spl": ("SPL structure distance", False),
     "lpips": ("LPIPS", False),
     "lpips_unedited": ("LPIPS unedited", False),
+    "dists": ("DISTS", False),
+    "dists_unedited": ("DISTS unedited", False),
     "structure_distance": ("DINO structure distance", False),
     "clip_score": ("CLIP score", True),
     "clip_score_edit_region": ("CLIP score edit region", True),
@@ -176,7 +177,7 @@ def set_metrics(reports: Sequence[dict], items_dir: Path, items: Sequence[EditIt
     from editkit.images import load_image
     from s2edit.evaluation.metrics import MetricSuite
 
-    suite = MetricSuite(fid=weights.get("fid"))
+    suite = MetricSuite(fid=weights.get("fid"), cache=weights.get("cache"), include=("fid",))
     if "fid" in suite.skipped():
         return {"fid": suite.skipped()["fid"]}
     folders = {item.id: items_dir / item_folder(item.id) for item in items}
@@ -230,6 +231,11 @@ def write_summary(out: Path, rows: Sequence[dict], summary: dict[str, dict[str, 
     lines += md_table(["metric", "value"], [[name.upper(), str(value) if isinstance(value, str)
                                               else f"{value:.4g}"] for name, value in set_values.items()])
     lines.append("")
+    sources = info.get("weights") or {}
+    if sources:
+        lines += ["## Metric weights", ""]
+        lines += [f"- {name}: {source}" for name, source in sources.items()]
+        lines.append("")
     if skipped:
         lines += ["## Skipped metrics", ""]
         lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
@@ -307,6 +313,8 @@ def write_report(items: Sequence[EditItem], out: Path, *, info: dict[str, Any],
                  weights: dict[str, Any]) -> dict[str, Any]:
     """metrics.csv, summary.md / summary.json and plots/ of a run, from the item folders on disk (so a
     resumed run reports the items of earlier runs too). Returns summary.json's content."""
+    from s2edit.evaluation.metrics import weight_sources
+
     items_dir = out / ITEMS_DIR
     reports, missing, failed = collect_items(items, items_dir)
     rows = metric_rows(reports)
@@ -315,8 +323,8 @@ def write_report(items: Sequence[EditItem], out: Path, *, info: dict[str, Any],
     for report in reports:
         skipped.update(report.get("skipped_metrics", {}))
     item_seconds = sum(r["timings"]["total"] for r in reports)
-    info = {**info, "items": len(items), "done": len(reports), "item_seconds": item_seconds,
-            "seconds_per_item": item_seconds / max(len(reports), 1)}
+    info = {**info, "weights": weight_sources(**weights), "items": len(items), "done": len(reports),
+            "item_seconds": item_seconds, "seconds_per_item": item_seconds / max(len(reports), 1)}
     summary = summarize(rows)
     set_values = set_metrics(reports, items_dir, items, weights) if reports else {"fid": "no items"}
     skipped.update({k: v for k, v in set_values.items() if isinstance(v, str) and v.startswith(SKIPPED)})

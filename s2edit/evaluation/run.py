@@ -6,6 +6,7 @@
     python evaluate.py ... devices=4 strategy=ddp          # 4 GPUs (or num_nodes=…): every item exactly once
     python evaluate.py ... finetune=true tune.steps=200    # S2Edit: fine-tune [I] on each image, then edit
     python evaluate.py compare runs=[outputs/eval/a,outputs/eval/b] out=outputs/eval/compare
+    python evaluate.py install lpips fid dists  # real LPIPS / FID / DISTS weights from the package registry
 
 Writes into `out=`: `items/<id>/` (source, reconstruction, edits, masks, `metrics.json`, then `DONE`),
 `metrics.csv` (one row per item and target), `summary.md` / `summary.json` (mean ± std per metric, per
@@ -161,6 +162,10 @@ def launching_process() -> bool:
 def main(argv: list[str]) -> dict[str, Any] | None:
     if argv and argv[0] == "compare":
         return compare(argv[1:])
+    if argv and argv[0] in ("install", "list"):  # the metric-weights cache: python -m s2edit.metrics
+        from s2edit.evaluation.weights import main as weights_main
+
+        return weights_main(argv)
     cfg: EvaluateConfig = parse_config(EvaluateConfig, argv, prog="evaluate.py",
                                        description=__doc__.splitlines()[0])
     # One run per out folder, held by the launching process only (DDP's other processes re-run this script)

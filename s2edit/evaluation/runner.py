@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from editkit.files import atomic_path, slug
+from editkit.files import atomic_path, slug, write_json
 from editkit.images import save_image, save_mask
 from s2edit.editing.plan import Placeholder
 from s2edit.editing.request import EditRequest
@@ -112,7 +112,8 @@ class EvaluationModule(L.LightningModule):
         from s2edit.evaluation.metrics import MetricSuite
 
         # per-edit metrics here; FID is a set metric, computed over the written images by the report
-        self.suite = MetricSuite(**{**self.metric_weights, "fid": None}, device=self.root_device)
+        self.suite = MetricSuite(**self.metric_weights, device=self.root_device,
+                                 include=("lpips", "dists", "clip", "dino"))
         if not self.finetune:
             self.editor = Editor.from_model(
                 self.model_name, device=str(self.root_device), precision=self.precision_name,
@@ -269,11 +270,6 @@ class ItemWriter(BasePredictionWriter):
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
         write_item(self.items_dir / item_folder(prediction.item.id), prediction)
-
-
-def write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=True) + "\n")
 
 
 def write_item(folder: Path, output: ItemOutput) -> None:
