@@ -122,6 +122,7 @@ class ModelFamily(abc.ABC):
     methods; the shared behaviour of UNet families is written here once."""
 
     name: ClassVar[str]  # "sd1", "sd2", …
+    denoiser: ClassVar[str] = "unet"  # the denoiser's component (folder) name: "unet" or "transformer"
     default_model: ClassVar[str]  # the hub id that stands for the family
     label: ClassVar[str] = "Stable Diffusion"  # how messages name it
     # transformers class of each text encoder, in order (the folders text_encoder, text_encoder_2, …)

@@ -1,10 +1,11 @@
 """Loading a model family from what `model=` names (SPEC §2–§3, §10).
 
 :func:`load_model` accepts a hub id, a local diffusers folder, or a random preset (`tiny`, `tiny-lcm`,
-`tiny-v`, `tiny-xl`, `tiny-xl-lcm`, `sd-v1-random`, `sdxl-random`: the folders of `s2edit/core/presets/`,
-shipped as package data). The family is detected from the folder (`model_index.json`'s pipeline class and
-the component configs), with no flag; a preset names its own. A model that cannot be found fails fast
-with one line saying what to pass. `lora=` fuses a LoRA file into the UNet (:mod:`s2edit.core.lora`).
+`tiny-v`, `tiny-xl`, `tiny-xl-lcm`, `tiny-sd3`, `sd-v1-random`, `sdxl-random`: the folders of
+`s2edit/core/presets/`, shipped as package data). The family is detected from the folder
+(`model_index.json`'s pipeline class and the component configs), with no flag; a preset names its own. A
+model that cannot be found fails fast with one line saying what to pass. `lora=` fuses a LoRA file into
+the UNet (:mod:`s2edit.core.lora`).
 """
 
 from __future__ import annotations
@@ -31,21 +32,23 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from editkit.errors import InputError
 from s2edit.core.family import ModelFamily
+from s2edit.core.flow_family import FlowFamily, refuse_flow_family
 from s2edit.core.lora import check_lora_file, fuse_unet_lora
 from s2edit.core.settings import DEFAULT_MODEL
 from s2edit.core.stable_diffusion import StableDiffusion, StableDiffusion2
+from s2edit.core.stable_diffusion_3 import StableDiffusion3
 from s2edit.core.stable_diffusion_xl import StableDiffusionXL
-from s2edit.core.tokenizer import clip_tokenizer
+from s2edit.core.tokenizer import clip_tokenizer, t5_tokenizer
 
 # The model families, in detection order: the first whose `matches` accepts a folder loads it (a family
 # that needs more than SD's components is listed before SD, which takes any UNet + CLIP folder).
 FAMILIES: dict[str, type[ModelFamily]] = {
-    "sdxl": StableDiffusionXL, "sd2": StableDiffusion2, "sd1": StableDiffusion,
+    "sd3": StableDiffusion3, "sdxl": StableDiffusionXL, "sd2": StableDiffusion2, "sd1": StableDiffusion,
 }
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: one folder per random preset
 PRESET_FILE = "preset.json"
-PRESET_PARTS = ("unet", "vae", "scheduler", "text_encoder", "text_encoder_2")
+PRESET_PARTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3")
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
 LOAD_HINT = ("pass a local diffusers folder (model=/path/to/stable-diffusion-v1-4) or a random preset "
@@ -127,7 +130,7 @@ def _preset_configs(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]
         if file.is_file():
             configs[part] = json.loads(file.read_text())
     family = FAMILIES[info["family"]]
-    needed = ["unet", "vae", "scheduler", *(folder for folder, _ in encoder_folders(family))]
+    needed = [family.denoiser, "vae", "scheduler", *(folder for folder, _ in encoder_folders(family))]
     missing = [part for part in needed if part not in configs]
     if missing:
         raise ValueError(f"preset '{name}' has no config for {missing}")
@@ -140,12 +143,19 @@ def preset_components(name: str, device: str | torch.device | None = None) -> di
     info, configs = _preset_configs(name)
     family = FAMILIES[info["family"]]
     with torch.device(device) if device is not None else contextlib.nullcontext():
+        if issubclass(family, FlowFamily):
+            import diffusers
+
+            denoiser = getattr(diffusers, family.transformer_class).from_config(configs["transformer"])
+        else:
+            denoiser = UNet2DConditionModel.from_config(configs["unet"])
         parts: dict[str, torch.nn.Module] = {
-            "unet": UNet2DConditionModel.from_config(configs["unet"]),
+            family.denoiser: denoiser,
             "vae": AutoencoderKL.from_config(configs["vae"]),
         }
         for (folder, _), cls_name in zip(encoder_folders(family), family.text_encoder_classes):
-            parts[folder] = getattr(transformers, cls_name)(CLIPTextConfig.from_dict(configs[folder]))
+            config_class = transformers.T5Config if cls_name.startswith("T5") else CLIPTextConfig
+            parts[folder] = getattr(transformers, cls_name)(config_class.from_dict(configs[folder]))
     return parts
 
 
@@ -158,6 +168,12 @@ def random_model(name: str = "tiny", seed: int = 0) -> ModelFamily:
         torch.manual_seed(seed)
         parts = preset_components(name)
     encoders = [parts[folder] for folder, _ in encoder_folders(family)]
+    if issubclass(family, FlowFamily):
+        tokenizers = [clip_tokenizer(pad_token=pad) for pad in family.tokenizer_pads]
+        tokenizers += [t5_tokenizer() for cls in family.tokenizer_classes[len(tokenizers):]]
+        return family(transformer=parts["transformer"], vae=parts["vae"], text_encoders=encoders,
+                      tokenizers=tokenizers, scheduler_config=configs["scheduler"], source=name,
+                      pipeline_config=info.get("pipeline", {}))
     return family(unet=parts["unet"], vae=parts["vae"], text_encoders=encoders,
                   tokenizers=[clip_tokenizer(pad_token=pad) for pad in family.tokenizer_pads],
                   scheduler=ddim_scheduler(configs["scheduler"], **family.ddim_overrides), source=name,
@@ -198,6 +214,7 @@ def load_model(
         raise InputError(f"model '{model}' is not a hub id (owner/name), a folder, or one of "
                          f"{', '.join(presets)}")
     if lora is not None:
+        refuse_flow_family(loaded, "lora=")
         fuse_unet_lora(loaded, lora)
     return loaded.eval().to(device=device, dtype=dtype)
 
@@ -214,6 +231,10 @@ def check_diffusers_folder(folder: Path, family: type[ModelFamily] | None = None
         problem = "is a file, not a folder" if folder.exists() else "does not exist"
         raise InputError(f"model folder '{folder}' {problem}; {LOAD_HINT}")
     required = dict(REQUIRED_FILES)
+    flow = family.denoiser != "unet" if family is not None else (
+        (folder / "transformer").is_dir() and not (folder / "unet").is_dir())
+    if flow:
+        required["transformer"] = required.pop("unet")
     for encoder, tokenizer in encoder_folders(family)[1:] if family is not None else []:
         required.update({encoder: TEXT_ENCODER_FILES, tokenizer: TOKENIZER_FILES})
     missing = [
@@ -297,6 +318,10 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) ->
 
     # 1. Configs: which family is it?
     index = _model_index(source, local_files_only)
+    flow = next((family for family in FAMILIES.values() if issubclass(family, FlowFamily)
+                 and family.matches(index.get("_class_name", ""), {})), None)
+    if flow is not None:
+        return _flow_from_pretrained(flow, source, index, dtype, load, common)
     configs = {
         "scheduler": dict(load("scheduler", lambda **kw: DDIMScheduler.load_config(source, **kw, **common))),
         "unet": dict(load("unet", lambda **kw: UNet2DConditionModel.load_config(source, **kw, **common))),
@@ -325,6 +350,31 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) ->
     return family(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                   scheduler=ddim_scheduler(configs["scheduler"], **family.ddim_overrides), source=source,
                   scheduler_config=configs["scheduler"], pipeline_config=pipeline)
+
+
+def _flow_from_pretrained(family: type[FlowFamily], source: str, index: Mapping[str, Any], dtype: torch.dtype,
+                          load: Any, common: Mapping[str, Any]) -> FlowFamily:
+    """A flow family's components (SD3: transformer, VAE, CLIP-L, CLIP-G, T5 and their tokenizers)."""
+    import diffusers
+
+    if Path(source).is_dir():
+        check_diffusers_folder(Path(source), family)
+    scheduler = dict(load("scheduler", lambda **kw: diffusers.FlowMatchEulerDiscreteScheduler.load_config(
+        source, **kw, **common)))
+    transformer_class = getattr(diffusers, family.transformer_class)
+    transformer = load("transformer", lambda **kw: transformer_class.from_pretrained(
+        source, torch_dtype=dtype, **kw, **common))
+    vae = load("vae", lambda **kw: AutoencoderKL.from_pretrained(source, torch_dtype=dtype, **kw, **common))
+    encoders, tokenizers = [], []
+    for (encoder_part, tokenizer_part), name in zip(encoder_folders(family), family.text_encoder_classes):
+        encoder_class = getattr(transformers, name)
+        encoders.append(load(encoder_part, functools.partial(encoder_class.from_pretrained, source,
+                                                             dtype=dtype, **common)))
+        tokenizers.append(load(tokenizer_part, lambda **kw: transformers.AutoTokenizer.from_pretrained(
+            source, **kw, **common)))
+    pipeline = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    return family(transformer=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                  scheduler_config=scheduler, source=source, pipeline_config=pipeline)
 
 
 def _detect_family(source: str, pipeline: str, configs: Mapping[str, Mapping[str, Any]]) -> type[ModelFamily]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 from editkit.errors import InputError
 from editkit.files import atomic_path
@@ -235,3 +235,36 @@ def eos_index(input_ids: torch.Tensor | Sequence[int], eos_token_id: int) -> tor
     if not bool(is_eos.any(dim=-1).all()):
         raise ValueError(f"a token sequence has no end token {eos_token_id}; was it truncated?")
     return is_eos.int().argmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------ T5
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2, as T5's own vocabulary
+
+
+@functools.lru_cache(maxsize=1)
+def _t5_words() -> tuple[str, ...]:
+    """The whole-word tokens of the CLIP vocabulary ("cat</w>" → "cat"), in CLIP's order."""
+    vocab, _ = _clip_vocab_and_merges()
+    words = [token[: -len("</w>")] for token in sorted(vocab, key=vocab.get) if token.endswith("</w>")]
+    return tuple(dict.fromkeys(word for word in words if word))
+
+
+def t5_tokenizer(max_length: int = 256) -> PreTrainedTokenizerFast:
+    """An offline stand-in for T5's SentencePiece tokenizer (no T5 tokenizer file can be downloaded here):
+    a word-level `tokenizers` model over the CLIP vocabulary's whole words (lower-cased; words and
+    punctuation split as `\\w+|[^\\w\\s]+`), ids 0/1/2 = <pad>/</s>/<unk> and "</s>" appended, as T5 does.
+    Offsets map every id to its characters, so a word's positions come from the offsets. For the random
+    flow presets only; a real SD3 / FLUX folder ships its own tokenizer."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    vocab = {T5_PAD: 0, T5_EOS: 1, T5_UNK: 2}
+    for word in _t5_words():
+        vocab.setdefault(word, len(vocab))
+    model = Tokenizer(WordLevel(vocab, unk_token=T5_UNK))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS}", special_tokens=[(T5_EOS, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token=T5_PAD, eos_token=T5_EOS,
+                                   unk_token=T5_UNK, model_max_length=max_length, padding_side="right")

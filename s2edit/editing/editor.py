@@ -40,6 +40,7 @@ from s2edit.core.engine import (
     refine_images,
 )
 from s2edit.core.family import ModelFamily
+from s2edit.core.flow_family import refuse_flow_family
 from s2edit.core.loading import load_model
 from s2edit.core.runtime import resolve_device, resolve_dtype
 from s2edit.core.settings import DEFAULT_MODEL, MaskSettings, P2PSettings, SPLSettings, VirtualSettings
@@ -75,6 +76,7 @@ class Editor:
     def __init__(self, model: ModelFamily, placeholders: Sequence[Placeholder] = (),
                  weights: str | None = None, cache_dir: str | Path | None = None, renormalize: bool = False,
                  progress: bool = True, resolution: int | None = None) -> None:
+        refuse_flow_family(model, "editing with p2p or virtual inversion")
         self.model = model
         self.resolution = resolution or model.native_resolution
         self.placeholders = list(placeholders)

@@ -37,6 +37,7 @@ from s2edit.core.attention import (
 )
 from s2edit.core.diffusion import DDIMSampler, DDIMSchedule
 from s2edit.core.family import Conditioning, ModelFamily
+from s2edit.core.flow_family import refuse_flow_family
 from s2edit.core.loading import load_model
 from s2edit.training.config import TrainConfig
 from s2edit.training.data import PreparedPair
@@ -91,6 +92,7 @@ class S2EditModule(L.LightningModule):
         # 1. Base model; its components are registered as submodules by their names (unet,
         #    text_encoder, …, then vae: checkpointed and moved by Lightning, the optimiser's order)
         self.model: ModelFamily = load_model(config.model, lora=config.lora)
+        refuse_flow_family(self.model, "identity fine-tuning")
         for name, component in {**self.model.trainable_components(), **self.model.components()}.items():
             self.add_module(name, component)
         self.base_probe = base_model_probe(self.model)  # lets the export loader detect a different base

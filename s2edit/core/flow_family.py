@@ -1,0 +1,150 @@
+"""Flow-matching families (SD3, FLUX; SPEC §11): a transformer that predicts the velocity v ≈ ε − x0 on
+rectified-flow latents, behind the model-family interface.
+
+What differs from the UNet families: the denoiser is `transformer` (no UNet inputs, no DDIM chain); prompt
+encoding is the diffusers pipeline's own `encode_prompt` over the family's encoders (a pipeline object
+shares the loaded modules, and gives model CPU offload its diffusers semantics); the schedule is the
+model's `FlowMatchEulerDiscreteScheduler` (:func:`s2edit.core.flow.flow_sigmas`). Flow families edit
+with FlowEdit only; identity fine-tuning and the inversion-based methods stay with the UNet families.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from editkit.errors import InputError
+from s2edit.core.attention import AttentionLayer
+from s2edit.core.family import Conditioning, ModelFamily, TextEncoding
+from s2edit.core.flow import flow_sigmas
+
+
+def refuse_flow_family(model: ModelFamily, what: str) -> None:
+    """One line refusing a flow family where only the UNet families work (`what`: the refused use)."""
+    if isinstance(model, FlowFamily):
+        raise InputError(f"model '{model.source}' is {model.label}, a flow-matching model: {what} needs a "
+                         f"UNet family (SD 1.x / 2.x, SDXL); flow models edit with FlowEdit "
+                         f"(s2edit.editing.flowedit.flowedit_latents)")
+
+
+class FlowFamily(ModelFamily):
+    """A rectified-flow transformer family (see the module docstring)."""
+
+    denoiser: ClassVar[str] = "transformer"
+    pipeline_class: ClassVar[str]  # the diffusers pipeline whose encode_prompt the family uses
+    transformer_class: ClassVar[str]
+    tokenizer_classes: ClassVar[tuple[str, ...]]  # transformers class of each tokenizer folder
+    default_max_sequence_length: ClassVar[int] = 256  # T5 tokens (the pipelines' default)
+
+    def __init__(self, *, transformer: torch.nn.Module, vae: torch.nn.Module,
+                 text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence[Any],
+                 scheduler_config: Mapping[str, Any], source: str,
+                 pipeline_config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(unet=transformer, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                         scheduler=None, source=source, scheduler_config=scheduler_config,
+                         pipeline_config=pipeline_config)
+        self.transformer = transformer
+        self._pipeline: Any = None
+
+    # ------------------------------------------------------------------------------------ components
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        encoders = dict(zip(self.text_encoder_names(), self.text_encoders))
+        return {"transformer": self.transformer, "vae": self.vae, **encoders}
+
+    def trainable_components(self) -> dict[str, torch.nn.Module]:
+        """Nothing: flow families are edited with FlowEdit, which trains no weights."""
+        return {}
+
+    def tokenizer_names(self) -> list[str]:
+        return ["tokenizer", *(f"tokenizer_{k + 1}" for k in range(1, len(self.tokenizers)))]
+
+    def pipeline(self) -> Any:
+        """The family's diffusers pipeline over the SAME modules (no copy): its `encode_prompt` encodes
+        prompts, and `enable_model_cpu_offload` offloads. The scheduler is a fresh one from the config."""
+        if self._pipeline is None:
+            import diffusers
+
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            parts = {**self.components(), **dict(zip(self.tokenizer_names(), self.tokenizers))}
+            self._pipeline = getattr(diffusers, self.pipeline_class)(scheduler=scheduler, **parts,
+                                                                     **self.pipeline_extras())
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    def pipeline_extras(self) -> dict[str, Any]:
+        """Further pipeline constructor arguments (FLUX's image encoder slots)."""
+        return {}
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(self.pipeline_config.get("max_sequence_length", self.default_max_sequence_length))
+
+    @property
+    def execution_device(self) -> torch.device:
+        """Where inputs go: the transformer's device, or the accelerator when offloading."""
+        return self.pipeline()._execution_device if self._pipeline is not None else self.device
+
+    # ------------------------------------------------------------------------------------ schedule
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    def sigmas(self, steps: int, latent_size: tuple[int, int]) -> torch.Tensor:
+        """σ_0 … σ_T of a `steps`-step schedule for a latent of `latent_size` (FLUX shifts by it)."""
+        return flow_sigmas(self.scheduler_config, steps, self.image_seq_len(latent_size))
+
+    def image_seq_len(self, latent_size: tuple[int, int]) -> int:
+        """Image tokens of a latent: (h / p)(w / p) for patch side p."""
+        patch = self.patch_size
+        return (latent_size[0] // patch) * (latent_size[1] // patch)
+
+    @property
+    @abc.abstractmethod
+    def patch_size(self) -> int:
+        """Latent pixels per image-token side."""
+
+    # ------------------------------------------------------------------------------------ prediction
+
+    @abc.abstractmethod
+    def velocity(self, z: torch.Tensor, sigma: float, cond: Conditioning,
+                 guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's velocity for latents `z` (B, C, h, w) at noise level σ, one row per row of
+        `cond` (`guidance`: FLUX's per-row guidance embedding), float32."""
+
+    def unet_inputs(self, cond: Conditioning, latent_size: tuple[int, int]) -> dict[str, Any]:
+        raise TypeError(f"{self.label} has a transformer, not a UNet")
+
+    def predict(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        raise TypeError(f"{self.label} predicts velocities: use velocity()")
+
+    def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+        """The pipeline's `encode_prompt` of the prompts (no gradients: flow families train nothing)."""
+        for prompt in prompts:
+            self.token_ids(prompt)  # an over-long prompt is refused in one line, not truncated
+        with torch.no_grad():
+            context, pooled = self._encode(list(prompts))
+        return TextEncoding(Conditioning(context, pooled), ())
+
+    @abc.abstractmethod
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, D), pooled (B, P)) from the pipeline's encode_prompt."""
+
+    # ------------------------------------------------------------------------------------ geometry
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.patch_size
+
+    def attention_layers(self) -> dict[str, AttentionLayer]:
+        """Flow families' joint attention is read by its own processors (word maps, SPEC §11), not by the
+        UNet controllers."""
+        return {}

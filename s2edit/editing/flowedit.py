@@ -1,0 +1,99 @@
+"""FlowEdit on a flow family (SPEC §11): its guided velocities around :func:`s2edit.core.flow.flowedit`.
+
+SD3 guides with classifier-free guidance, "" as the negative: the rows of one transformer call per step are
+[∅, c_src] at z_src and [∅, c_k] at z_tar_k for each target k (fallenshock/FlowEdit's [src_neg, src,
+tar_neg, tar] order), v = v_∅ + w·(v_c − v_∅) with w_src for the source and w_tar for the targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from editkit.errors import InputError
+from s2edit.core.family import Conditioning
+from s2edit.core.flow import StepHook, flowedit
+from s2edit.core.flow_family import FlowFamily
+
+
+@dataclass(frozen=True)
+class FlowEditSettings:
+    """FlowEdit's settings (SPEC §11); None takes the family's default from the paper."""
+
+    steps: int | None = None  # T
+    n_max: int | None = None  # steps actually run: the first T − n_max are skipped
+    n_min: int | None = None  # the last n_min steps sample regularly from the target
+    n_avg: int | None = None  # noise samples averaged per step
+    source_guidance: float | None = None  # w_src
+    target_guidance: float | None = None  # w_tar
+
+
+# The paper's settings per family (SPEC §11).
+FAMILY_DEFAULTS: dict[str, FlowEditSettings] = {
+    "sd3": FlowEditSettings(steps=50, n_max=33, n_min=0, n_avg=1, source_guidance=3.5, target_guidance=13.5),
+    "flux": FlowEditSettings(steps=28, n_max=24, n_min=0, n_avg=1, source_guidance=1.5, target_guidance=5.5),
+}
+
+
+def resolved(settings: FlowEditSettings, family: str) -> FlowEditSettings:
+    """`settings` with every None replaced by the family's default; values out of range are refused."""
+    defaults = FAMILY_DEFAULTS[family]
+    out = replace(settings, **{k: getattr(defaults, k) for k in settings.__dataclass_fields__
+                               if getattr(settings, k) is None})
+    if out.steps < 1 or out.n_avg < 1:
+        raise InputError(f"flowedit.steps and flowedit.n_avg must be ≥ 1, got {out.steps} and {out.n_avg}")
+    if not 0 <= out.n_min <= out.n_max <= out.steps:
+        raise InputError(f"FlowEdit needs 0 ≤ flowedit.n_min ≤ flowedit.n_max ≤ flowedit.steps, got "
+                         f"n_min={out.n_min}, n_max={out.n_max}, steps={out.steps}")
+    return out
+
+
+class GuidedVelocity:
+    """The guided source / target velocities of one edit (the :class:`~s2edit.core.flow.Velocity` of
+    :func:`~s2edit.core.flow.flowedit`), one transformer call per step."""
+
+    def __init__(self, model: FlowFamily, source: Conditioning, targets: Conditioning,
+                 settings: FlowEditSettings) -> None:
+        self.model, self.settings = model, settings
+        self.empty = model.encode_prompt([""])
+        self.source, self.targets = source, targets
+
+    def __call__(self, z_src: torch.Tensor | None, z_tar: torch.Tensor, sigma: float
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        k = z_tar.shape[0]
+        latents, conds, weights = [], [], []
+        if z_src is not None:
+            latents.append(z_src.expand(2, *z_src.shape[1:]))
+            conds += [self.empty, self.source]
+            weights.append(self.settings.source_guidance)
+        for row in range(k):
+            latents.append(z_tar[row:row + 1].expand(2, *z_tar.shape[1:]))
+            conds += [self.empty, self.targets[row]]
+            weights.append(self.settings.target_guidance)
+        v = self.model.velocity(torch.cat(latents), sigma, Conditioning.cat(conds))
+        v_uncond, v_cond = v[0::2], v[1::2]
+        w = torch.tensor(weights, device=v.device).view(-1, *[1] * (v.dim() - 1))
+        guided = v_uncond + w * (v_cond - v_uncond)
+        return (guided[:1], guided[1:]) if z_src is not None else (None, guided)
+
+
+def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, targets: Sequence[str],
+                     settings: FlowEditSettings = FlowEditSettings(), *, seed: int = 0,
+                     on_step: StepHook | None = None, progress: Callable[[int], None] | None = None
+                     ) -> torch.Tensor:
+    """FlowEdit of the source latent `x_src` (1, C, h, w) from `source` into each of `targets`:
+    (len(targets), C, h, w), float32."""
+    if model.name not in FAMILY_DEFAULTS:
+        raise InputError(f"FlowEdit runs on the flow families ({', '.join(FAMILY_DEFAULTS)}), not "
+                         f"{model.label}")
+    if not targets:
+        raise InputError("FlowEdit needs at least one target prompt")
+    settings = resolved(settings, model.name)
+    velocity = GuidedVelocity(model, model.encode_prompt([source]), model.encode_prompt(list(targets)),
+                              settings)
+    sigmas = model.sigmas(settings.steps, tuple(x_src.shape[-2:]))
+    return flowedit(velocity, x_src.float(), sigmas, len(targets), n_max=settings.n_max,
+                    n_min=settings.n_min, n_avg=settings.n_avg, seed=seed, on_step=on_step,
+                    progress=progress)

@@ -1,0 +1,144 @@
+"""The SD3 flow family on the random `tiny-sd3` preset, and FlowEdit on it (SPEC §11)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import IMAGE
+from editkit.errors import InputError
+from editkit.images import load_image
+from s2edit.core.family import Conditioning
+from s2edit.core.loading import PRESET_DIR, load_model
+from s2edit.core.tokenizer import t5_tokenizer
+from s2edit.editing.flowedit import (
+    FAMILY_DEFAULTS,
+    FlowEditSettings,
+    GuidedVelocity,
+    flowedit_latents,
+    resolved,
+)
+
+EQUAL_GUIDANCE = FlowEditSettings(steps=8, n_max=6, source_guidance=4.0, target_guidance=4.0)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return load_model("tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def source_latent(sd3) -> torch.Tensor:
+    with torch.no_grad():
+        return sd3.encode_image(load_image(IMAGE, resolution=128))
+
+
+def test_the_preset_is_sd3_shaped(sd3) -> None:
+    config = json.loads((PRESET_DIR / "tiny-sd3" / "text_encoder_3.json").read_text())
+    assert config["vocab_size"] == len(t5_tokenizer())  # the offline T5 tokenizer's words
+    assert sd3.name == "sd3" and sd3.prediction_type == "flow" and sd3.latent_channels == 16
+    assert (sd3.latent_scale, sd3.latent_shift) == (1.5305, 0.0609)
+    assert sd3.native_resolution == 128 and sd3.size_multiple == 16
+    cond = sd3.encode_prompt(["a photo of a cat", "a dog"])
+    # CLIP-L ‖ CLIP-G penultimate states (77 tokens), then T5's (max_sequence_length); pooled: both CLIPs'
+    assert cond.context.shape == (2, 77 + sd3.max_sequence_length, 64) and cond.pooled.shape == (2, 64)
+    with torch.no_grad():
+        ids = sd3.tokenizers[2](["a dog"], padding="max_length", max_length=sd3.max_sequence_length,
+                                return_tensors="pt").input_ids
+        t5 = sd3.text_encoders[2](ids)[0]
+    torch.testing.assert_close(cond.context[1:, 77:], t5)  # the T5 rows are T5's states of the prompt
+
+
+def test_the_t5_stand_in_tokenizer_gives_word_offsets() -> None:
+    tokenizer = t5_tokenizer()
+    encoded = tokenizer("A red Car, parked", return_offsets_mapping=True)
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids)
+    assert tokens == ["a", "red", "car", ",", "parked", "</s>"]
+    assert encoded.offset_mapping[2] == (6, 9)  # "Car": its characters in the prompt
+    assert tokenizer("qqqzzz").input_ids == [2, 1]  # unknown word, end of sequence
+
+
+def test_target_equal_to_source_returns_the_source_latent_exactly(sd3, source_latent) -> None:
+    cat = "a photo of a cat"
+    out = flowedit_latents(sd3, source_latent, cat, [cat], EQUAL_GUIDANCE, seed=1)
+    assert torch.equal(out, source_latent.float())
+    edited = flowedit_latents(sd3, source_latent, "a photo of a cat", ["a photo of a dog"], EQUAL_GUIDANCE,
+                              seed=1)
+    assert (edited - source_latent).abs().max() > 1e-2  # a different prompt does move it
+
+
+def test_the_cfg_rows_line_up_with_their_prompts(sd3, source_latent) -> None:
+    """One batched call equals the per-prompt single-row calls; swapping the prompts swaps the results."""
+    settings = resolved(FlowEditSettings(), "sd3")
+    src = sd3.encode_prompt(["a photo of a cat"])
+    tar = sd3.encode_prompt(["a watercolor of a dog", "a tiger"])
+    velocity = GuidedVelocity(sd3, src, tar, settings)
+    gen = torch.Generator().manual_seed(0)
+    z_src = source_latent + 0.5 * torch.randn(source_latent.shape, generator=gen)
+    z_tar = z_src.expand(2, -1, -1, -1) + 0.1 * torch.randn((2, *source_latent.shape[1:]), generator=gen)
+    v_src, v_tar = velocity(z_src, z_tar, 0.6)
+    empty = sd3.encode_prompt([""])
+
+    def alone(z: torch.Tensor, cond: Conditioning, w: float) -> torch.Tensor:
+        u, c = sd3.velocity(z, 0.6, empty), sd3.velocity(z, 0.6, cond)
+        return u + w * (c - u)
+
+    with torch.no_grad():
+        torch.testing.assert_close(v_src, alone(z_src, src, 3.5), atol=1e-4, rtol=1e-4)
+        for row in range(2):
+            torch.testing.assert_close(v_tar[row:row + 1], alone(z_tar[row:row + 1], tar[row], 13.5),
+                                       atol=1e-4, rtol=1e-4)
+        swapped_src, _ = GuidedVelocity(sd3, tar[0], Conditioning.cat([src, tar[1]]), settings)(z_src, z_tar,
+                                                                                              0.6)
+    assert not torch.allclose(swapped_src, v_src, atol=1e-3)
+    _, tail = velocity(None, z_tar, 0.6)  # the sampling tail: target rows only
+    torch.testing.assert_close(tail, v_tar, atol=1e-5, rtol=1e-5)
+
+
+def test_defaults_per_family_and_refusals(sd3, source_latent) -> None:
+    assert resolved(FlowEditSettings(), "sd3") == FAMILY_DEFAULTS["sd3"]
+    assert resolved(FlowEditSettings(n_max=10), "flux").steps == 28
+    with pytest.raises(InputError, match=r"n_min=5, n_max=4, steps=8"):
+        resolved(FlowEditSettings(steps=8, n_max=4, n_min=5), "sd3")
+    with pytest.raises(InputError, match="FlowEdit runs on the flow families"):
+        flowedit_latents(load_model("tiny"), torch.zeros(1, 4, 8, 8), "a", ["b"])
+    with pytest.raises(InputError, match="at least one target"):
+        flowedit_latents(sd3, source_latent, "a cat", [])
+
+
+def test_the_seed_fixes_the_edit(sd3, source_latent) -> None:
+    settings = FlowEditSettings(steps=6, n_max=4, n_min=1)
+    a = flowedit_latents(sd3, source_latent, "a cat", ["a dog"], settings, seed=3)
+    b = flowedit_latents(sd3, source_latent, "a cat", ["a dog"], settings, seed=3)
+    c = flowedit_latents(sd3, source_latent, "a cat", ["a dog"], settings, seed=4)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_a_saved_sd3_folder_loads_as_sd3(sd3, tmp_path: Path) -> None:
+    sd3.pipeline().save_pretrained(tmp_path / "sd3")
+    loaded = load_model(str(tmp_path / "sd3"))
+    assert type(loaded) is type(sd3) and (tmp_path / "sd3" / "model_index.json").is_file()
+    for name, module in sd3.components().items():
+        theirs = loaded.components()[name].state_dict()
+        assert all(torch.equal(value, theirs[key]) for key, value in module.state_dict().items()), name
+    (tmp_path / "sd3" / "text_encoder_3" / "config.json").unlink()
+    with pytest.raises(InputError, match=r"not a diffusers Stable Diffusion 3 folder: missing "
+                                         r"text_encoder_3/config\.json"):
+        load_model(str(tmp_path / "sd3"))
+
+
+def test_the_unet_methods_refuse_a_flow_model_in_one_line(sd3, tmp_path: Path) -> None:
+    from s2edit.editing.editor import Editor
+
+    with pytest.raises(InputError, match=r"^model 'tiny-sd3' is Stable Diffusion 3, a flow-matching model: "
+                                         r"editing with p2p or virtual inversion needs a UNet family"):
+        Editor(sd3)
+    lora = tmp_path / "lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down.lora_down.weight": torch.zeros(1, 1)}, str(lora))
+    with pytest.raises(InputError, match="lora= needs a UNet family"):
+        load_model("tiny-sd3", lora=lora)
