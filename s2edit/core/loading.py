@@ -1,7 +1,7 @@
 """Loading a model family from what `model=` names (SPEC §2–§3, §10).
 
 :func:`load_model` accepts a hub id, a local diffusers folder, or a random preset (`tiny`, `tiny-lcm`,
-`tiny-v`, `tiny-xl`, `tiny-xl-lcm`, `tiny-sd3`, `sd-v1-random`, `sdxl-random`: the folders of
+`tiny-v`, `tiny-xl`, `tiny-xl-lcm`, `tiny-sd3`, `tiny-flux`, `sd-v1-random`, `sdxl-random`: the folders of
 `s2edit/core/presets/`, shipped as package data). The family is detected from the folder
 (`model_index.json`'s pipeline class and the component configs), with no flag; a preset names its own. A
 model that cannot be found fails fast with one line saying what to pass. `lora=` fuses a LoRA file into
@@ -33,6 +33,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from editkit.errors import InputError
 from s2edit.core.family import ModelFamily
 from s2edit.core.flow_family import FlowFamily, refuse_flow_family
+from s2edit.core.flux import Flux
 from s2edit.core.lora import check_lora_file, fuse_unet_lora
 from s2edit.core.settings import DEFAULT_MODEL
 from s2edit.core.stable_diffusion import StableDiffusion, StableDiffusion2
@@ -43,7 +44,8 @@ from s2edit.core.tokenizer import clip_tokenizer, t5_tokenizer
 # The model families, in detection order: the first whose `matches` accepts a folder loads it (a family
 # that needs more than SD's components is listed before SD, which takes any UNet + CLIP folder).
 FAMILIES: dict[str, type[ModelFamily]] = {
-    "sd3": StableDiffusion3, "sdxl": StableDiffusionXL, "sd2": StableDiffusion2, "sd1": StableDiffusion,
+    "flux": Flux, "sd3": StableDiffusion3, "sdxl": StableDiffusionXL, "sd2": StableDiffusion2,
+    "sd1": StableDiffusion,
 }
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: one folder per random preset

@@ -3,6 +3,8 @@
 SD3 guides with classifier-free guidance, "" as the negative: the rows of one transformer call per step are
 [∅, c_src] at z_src and [∅, c_k] at z_tar_k for each target k (fallenshock/FlowEdit's [src_neg, src,
 tar_neg, tar] order), v = v_∅ + w·(v_c − v_∅) with w_src for the source and w_tar for the targets.
+FLUX-dev is guidance-distilled: w goes into its guidance embedding, one row per branch (the reference
+makes two transformer calls per step; one batched call computes the same rows).
 """
 
 from __future__ import annotations
@@ -52,30 +54,36 @@ def resolved(settings: FlowEditSettings, family: str) -> FlowEditSettings:
 
 class GuidedVelocity:
     """The guided source / target velocities of one edit (the :class:`~s2edit.core.flow.Velocity` of
-    :func:`~s2edit.core.flow.flowedit`), one transformer call per step."""
+    :func:`~s2edit.core.flow.flowedit`), one transformer call per step.
+
+    CFG (SD3): rows [∅, c_src] at z_src and [∅, c_k] at z_tar_k, v = v_∅ + w·(v_c − v_∅). Guidance
+    embedding (FLUX-dev): one row per branch, [c_src] at z_src with guidance w_src and [c_k] at z_tar_k
+    with w_tar, no unconditional rows."""
 
     def __init__(self, model: FlowFamily, source: Conditioning, targets: Conditioning,
                  settings: FlowEditSettings) -> None:
         self.model, self.settings = model, settings
-        self.empty = model.encode_prompt([""])
+        self.embedded = bool(getattr(model, "guidance_embedding", False))
+        self.empty = None if self.embedded else model.encode_prompt([""])
         self.source, self.targets = source, targets
 
     def __call__(self, z_src: torch.Tensor | None, z_tar: torch.Tensor, sigma: float
                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        k = z_tar.shape[0]
-        latents, conds, weights = [], [], []
-        if z_src is not None:
-            latents.append(z_src.expand(2, *z_src.shape[1:]))
-            conds += [self.empty, self.source]
-            weights.append(self.settings.source_guidance)
-        for row in range(k):
-            latents.append(z_tar[row:row + 1].expand(2, *z_tar.shape[1:]))
-            conds += [self.empty, self.targets[row]]
-            weights.append(self.settings.target_guidance)
-        v = self.model.velocity(torch.cat(latents), sigma, Conditioning.cat(conds))
-        v_uncond, v_cond = v[0::2], v[1::2]
-        w = torch.tensor(weights, device=v.device).view(-1, *[1] * (v.dim() - 1))
-        guided = v_uncond + w * (v_cond - v_uncond)
+        branches = ([(z_src, self.source, self.settings.source_guidance)] if z_src is not None else [])
+        branches += [(z_tar[k:k + 1], self.targets[k], self.settings.target_guidance)
+                     for k in range(z_tar.shape[0])]
+        weights = torch.tensor([w for *_, w in branches], dtype=torch.float32)
+        if self.embedded:
+            latents = torch.cat([z for z, _, _ in branches])
+            guided = self.model.velocity(latents, sigma, Conditioning.cat([c for _, c, _ in branches]),
+                                         guidance=weights)
+        else:
+            latents = torch.cat([z.expand(2, *z.shape[1:]) for z, _, _ in branches])
+            conds = Conditioning.cat([part for _, c, _ in branches for part in (self.empty, c)])
+            v = self.model.velocity(latents, sigma, conds)
+            v_uncond, v_cond = v[0::2], v[1::2]
+            w = weights.to(v.device).view(-1, *[1] * (v.dim() - 1))
+            guided = v_uncond + w * (v_cond - v_uncond)
         return (guided[:1], guided[1:]) if z_src is not None else (None, guided)
 
 
