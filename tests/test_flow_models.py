@@ -210,3 +210,81 @@ def test_a_saved_flux_folder_loads_as_flux(flux, tmp_path: Path) -> None:
     assert loaded.name == "flux" and loaded.guidance_embedding
     state = loaded.transformer.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in flux.transformer.state_dict().items())
+
+
+# --------------------------------------------------------------------------------- method=flowedit
+
+
+def infer_run(argv: list[str], capsys) -> tuple[int, str]:
+    from editkit.config import run_main
+    from s2edit.editing import run as infer
+
+    try:
+        run_main(infer.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_infer_edits_a_flow_model_with_flowedit_and_spl(tmp_path: Path, capsys) -> None:
+    """method=auto on a flow model is flowedit; SPL in the loop runs at the executed steps j with
+    (j + 1)/n_exec ≥ opt_schedule only, and post-processing lowers each edit's SPL loss."""
+    out = tmp_path / "edit"
+    code, err = infer_run(["model=tiny-sd3", f"image={IMAGE}", "source=a photo of a cat",
+                           "target=a photo of a dog", "target=a cat in the snow", "flowedit.steps=10",
+                           "flowedit.n_max=8", "spl.iterations=4", "spl.opt_schedule=0.7", f"out={out}"],
+                          capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "flowedit" and report["model"]["family"] == "sd3"
+    assert report["edit_settings"]["flowedit"] == {"steps": 10, "n_max": 8, "n_min": 0, "n_avg": 1,
+                                                   "source_guidance": 3.5, "target_guidance": 13.5}
+    assert [r["step"] for r in report["metrics"]["spl_in_loop"]] == [5, 6, 7]  # (j+1)/8 ≥ 0.7
+    for record in report["metrics"]["spl_in_loop"]:
+        assert all(a < b for a, b in zip(record["after"]["spl"], record["before"]["spl"]))
+    for target in report["metrics"]["targets"]:
+        assert target["spl_loss_after"] < target["spl_loss_before"]
+    assert {p.name for p in out.iterdir()} >= {"source.png", "reconstruction.png", "edit_0.png",
+                                               "edit_1.png"}
+
+
+def test_spl_in_the_loop_changes_only_its_steps(sd3, source_latent) -> None:
+    """The hook replaces z_edit exactly at the scheduled executed steps; an edit without them is the same
+    as one whose hook returns z unchanged."""
+    from s2edit.editing.methods.flowedit import spl_flow_steps
+
+    assert spl_flow_steps(8, 0.8) == [6, 7] and spl_flow_steps(8, 1.0) == [7]
+    assert spl_flow_steps(5, 0.0) == [0, 1, 2, 3, 4]
+    settings = FlowEditSettings(steps=8, n_max=6)
+    seen: list[int] = []
+
+    def shift_at_4(j: int, n: int, z: torch.Tensor) -> torch.Tensor:
+        seen.append(j)
+        return z + 0.5 if j == 4 else z
+
+    plain = flowedit_latents(sd3, source_latent, "a cat", ["a dog"], settings, seed=0)
+    same = flowedit_latents(sd3, source_latent, "a cat", ["a dog"], settings, seed=0,
+                            on_step=lambda j, n, z: z)
+    hooked = flowedit_latents(sd3, source_latent, "a cat", ["a dog"], settings, seed=0, on_step=shift_at_4)
+    assert seen == [0, 1, 2, 3, 4, 5] and torch.equal(plain, same) and not torch.allclose(plain, hooked)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["model=tiny-sd3", "method=p2p"], "method=p2p does not run on model 'tiny-sd3' (Stable Diffusion 3): "
+                                       "flow models edit with method=flowedit"),
+    (["model=tiny-sd3", "virtual.steps=3"], "method=virtual does not run on model 'tiny-sd3'"),
+    (["model=tiny", "method=flowedit"], "method=flowedit does not run on model 'tiny' (Stable Diffusion)"),
+    (["model=tiny-sd3", "flowedit.n_max=60", "flowedit.steps=50"],
+     "flowedit.n_max=60 exceeds flowedit.steps=50"),
+    (["model=tiny-sd3", "mask.source_words=[cat]"], "method=flowedit reads no attention maps yet"),
+    (["model=tiny-sd3", "method=virtual", "flowedit.n_max=3"],
+     "flowedit.n_max=3 is a setting of method=flowedit"),
+])
+def test_refusals_of_flow_models_and_flowedit(args, fragment, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code, err = infer_run([*args, f"image={IMAGE}", "source=a photo of a cat", "target=a photo of a dog",
+                           f"out={out}"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert not out.exists()

@@ -105,7 +105,8 @@ StepHook = Callable[[int, int, torch.Tensor], torch.Tensor]  # (executed step j,
 def step_noise(shape: tuple[int, ...], seed: int, step: int, sample: int) -> torch.Tensor:
     """ε of one step and noise sample, drawn on the CPU from (seed, step, sample): the same numbers on any
     device, and independent of which other steps run."""
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 1_009 + sample)
+    mixed = (int(seed) * 1_000_003 + step * 1_009 + sample) % (2**63 - 1)  # 63-bit item seeds too
+    generator = torch.Generator().manual_seed(mixed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 

@@ -185,6 +185,25 @@ def random_model(name: str = "tiny", seed: int = 0) -> ModelFamily:
 # ----------------------------------------------------------------------------------------- loading
 
 
+def family_of(model: str) -> type[ModelFamily] | None:
+    """The family of what `model=` names, found without loading weights: a preset's, or a folder's (or a
+    cached hub id's) `model_index.json` pipeline class; None when that does not tell (a UNet family is then
+    told from the component configs while loading)."""
+    if model in preset_names():
+        return FAMILIES[_preset_configs(model)[0]["family"]]
+    if not (_looks_like_path(model) or HUB_ID.fullmatch(model)):
+        return None
+    pipeline = _model_index(str(Path(model).expanduser()) if _looks_like_path(model) else model,
+                            local_files_only=True).get("_class_name", "")
+    return next((family for family in FAMILIES.values() if pipeline and family.matches(pipeline, {})), None)
+
+
+def is_flow_model(model: str) -> bool:
+    """Whether `model=` names a flow-matching model (SD3, FLUX), from :func:`family_of`."""
+    family = family_of(model)
+    return family is not None and issubclass(family, FlowFamily)
+
+
 def load_model(
     model: str = DEFAULT_MODEL,
     *,

@@ -19,8 +19,9 @@ AREAS = ("whole", "masked")
 MASK_INPUTS = ("preview", "in_loop")
 LATENT_MODES = ("mean", "sample")
 VIRTUAL_SCHEDULES = ("auto", "lcm", "ddim")
-PRESETS_HELP = "tiny, tiny-lcm, tiny-v, tiny-xl, tiny-xl-lcm, sd-v1-random, sdxl-random"
-MODEL_HELP = f"hub id, local diffusers folder (SD 1.x, 2.x, SDXL), or a random preset ({PRESETS_HELP})"
+PRESETS_HELP = "tiny, tiny-lcm, tiny-v, tiny-xl, tiny-xl-lcm, tiny-sd3, tiny-flux, sd-v1-random, sdxl-random"
+MODEL_HELP = (f"hub id, local diffusers folder (SD 1.x, 2.x, SDXL; SD3, FLUX: method=flowedit), or a random "
+              f"preset ({PRESETS_HELP})")
 LORA_HELP = ("a LoRA file (.safetensors; diffusers, peft or kohya keys) fused into the model's UNet, e.g. "
              "LCM-LoRA")
 
@@ -84,6 +85,22 @@ class VirtualSettings(Checked):
     schedule: str = setting("auto", "timesteps: auto (LCM when the model's scheduler is an LCMScheduler, "
                                     "else the DDIM chain), lcm (e.g. with an LCM-LoRA), ddim",
                             choices=VIRTUAL_SCHEDULES)
+
+
+@dataclass(frozen=True)
+class FlowEditSettings(Checked):
+    """FlowEdit on flow models (SD3, FLUX; SPEC §11). null: the family's default from the paper (SD3: 50
+    steps, n_max 33, guidance 3.5 → 13.5; FLUX: 28 steps, n_max 24, guidance 1.5 → 5.5; n_min 0, n_avg 1)."""
+
+    steps: int | None = setting(None, "T: steps of the flow schedule", ge=1, le=1000)
+    n_max: int | None = setting(None, "steps that run: the first T − n_max are skipped (more: stronger edit)",
+                                ge=0, le=1000)
+    n_min: int | None = setting(None, "the last n_min steps sample regularly from the target", ge=0, le=1000)
+    n_avg: int | None = setting(None, "noise samples averaged per step", ge=1, le=100)
+    source_guidance: float | None = setting(None, "w_src (SD3: CFG; FLUX: its guidance embedding)", ge=0,
+                                            le=100)
+    target_guidance: float | None = setting(None, "w_tar (SD3: CFG; FLUX: its guidance embedding)", ge=0,
+                                            le=100)
 
 
 @dataclass(frozen=True)

@@ -41,5 +41,10 @@ class InferConfig(EditRequest):
     @property
     def default_method(self) -> str:
         """What `method=auto` means when no method's settings are given: p2p with an S2Edit checkpoint
-        (the paper's editor), else virtual inversion (training-free, SPEC §9)."""
-        return "p2p" if self.ckpt is not None else "virtual"
+        (the paper's editor), flowedit on a flow model (SD3, FLUX), else virtual inversion (training-free,
+        SPEC §9)."""
+        if self.ckpt is not None:
+            return "p2p"
+        from s2edit.core.loading import is_flow_model
+
+        return "flowedit" if is_flow_model(self.model) else "virtual"

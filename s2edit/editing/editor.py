@@ -40,7 +40,6 @@ from s2edit.core.engine import (
     refine_images,
 )
 from s2edit.core.family import ModelFamily
-from s2edit.core.flow_family import refuse_flow_family
 from s2edit.core.loading import load_model
 from s2edit.core.runtime import resolve_device, resolve_dtype
 from s2edit.core.settings import DEFAULT_MODEL, MaskSettings, P2PSettings, SPLSettings, VirtualSettings
@@ -76,7 +75,6 @@ class Editor:
     def __init__(self, model: ModelFamily, placeholders: Sequence[Placeholder] = (),
                  weights: str | None = None, cache_dir: str | Path | None = None, renormalize: bool = False,
                  progress: bool = True, resolution: int | None = None) -> None:
-        refuse_flow_family(model, "editing with p2p or virtual inversion")
         self.model = model
         self.resolution = resolution or model.native_resolution
         self.placeholders = list(placeholders)
@@ -171,6 +169,7 @@ class Editor:
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"prompt={prompt!r} must be a non-empty string describing the image")
+        edit_method("p2p").check_model(self.model)  # inversions retrace a UNet family's DDIM chain
         request = InversionRequest() if request is None else request
         if not isinstance(request, InversionRequest):
             raise InputError(f"request={request!r} must be an InversionRequest")
@@ -198,8 +197,10 @@ class Editor:
             plan = self._checked_plan(targets, source)
         else:
             plan = self.plan(source, targets, request, method=method)
+        method = edit_method(plan.method)
+        method.check_model(self.model)
         image = self.image(image, resolution).to(self.model.device)
-        return edit_method(plan.method).edit(self, image, plan, seed=seed, callback=callback)
+        return method.edit(self, image, plan, seed=seed, callback=callback)
 
     def edit(self, inversion: Inversion, targets: Sequence[str] | EditPlan, *, p2p: P2PSettings | None = None,
              spl: SPLSettings | None = None, masks: MaskSettings | None = None, spatial_control: bool = True,

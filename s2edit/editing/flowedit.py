@@ -9,8 +9,9 @@ makes two transformer calls per step; one batched call computes the same rows).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -18,19 +19,7 @@ from editkit.errors import InputError
 from s2edit.core.family import Conditioning
 from s2edit.core.flow import StepHook, flowedit
 from s2edit.core.flow_family import FlowFamily
-
-
-@dataclass(frozen=True)
-class FlowEditSettings:
-    """FlowEdit's settings (SPEC §11); None takes the family's default from the paper."""
-
-    steps: int | None = None  # T
-    n_max: int | None = None  # steps actually run: the first T − n_max are skipped
-    n_min: int | None = None  # the last n_min steps sample regularly from the target
-    n_avg: int | None = None  # noise samples averaged per step
-    source_guidance: float | None = None  # w_src
-    target_guidance: float | None = None  # w_tar
-
+from s2edit.core.settings import FlowEditSettings
 
 # The paper's settings per family (SPEC §11).
 FAMILY_DEFAULTS: dict[str, FlowEditSettings] = {
@@ -42,8 +31,8 @@ FAMILY_DEFAULTS: dict[str, FlowEditSettings] = {
 def resolved(settings: FlowEditSettings, family: str) -> FlowEditSettings:
     """`settings` with every None replaced by the family's default; values out of range are refused."""
     defaults = FAMILY_DEFAULTS[family]
-    out = replace(settings, **{k: getattr(defaults, k) for k in settings.__dataclass_fields__
-                               if getattr(settings, k) is None})
+    names = [f.name for f in dataclasses.fields(settings)]
+    out = replace(settings, **{k: getattr(defaults, k) for k in names if getattr(settings, k) is None})
     if out.steps < 1 or out.n_avg < 1:
         raise InputError(f"flowedit.steps and flowedit.n_avg must be ≥ 1, got {out.steps} and {out.n_avg}")
     if not 0 <= out.n_min <= out.n_max <= out.steps:
@@ -88,7 +77,7 @@ class GuidedVelocity:
 
 
 def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, targets: Sequence[str],
-                     settings: FlowEditSettings = FlowEditSettings(), *, seed: int = 0,
+                     settings: FlowEditSettings | None = None, *, seed: int = 0,
                      on_step: StepHook | None = None, progress: Callable[[int], None] | None = None
                      ) -> torch.Tensor:
     """FlowEdit of the source latent `x_src` (1, C, h, w) from `source` into each of `targets`:
@@ -98,7 +87,7 @@ def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, target
                          f"{model.label}")
     if not targets:
         raise InputError("FlowEdit needs at least one target prompt")
-    settings = resolved(settings, model.name)
+    settings = resolved(settings or FlowEditSettings(), model.name)
     velocity = GuidedVelocity(model, model.encode_prompt([source]), model.encode_prompt(list(targets)),
                               settings)
     sigmas = model.sigmas(settings.steps, tuple(x_src.shape[-2:]))

@@ -6,7 +6,8 @@
   ends share one definition, one set of defaults and one set of refusals.
 
 :func:`choose_method` settles `method=auto` and refuses settings the chosen method would ignore: each
-method owns some keys (p2p: `inversion`, `steps`, `guidance`, `nti.*`, `p2p.*`; virtual: `virtual.*`);
+method owns some keys (p2p: `inversion`, `steps`, `guidance`, `nti.*`, `p2p.*`; virtual: `virtual.*`;
+flowedit: `flowedit.*`);
 `spl.*`, `mask.*` and `spatial_control` are shared. With `method=auto`, an explicitly given setting of one
 method picks that method (`inversion=direct` alone asks for inversion + Prompt-to-Prompt); without any, the
 caller's default applies. A given setting of another method than the chosen one is refused in one line
@@ -23,6 +24,7 @@ from editkit.config import flat_values, setting
 from editkit.errors import InputError
 from s2edit.core.settings import (
     Checked,
+    FlowEditSettings,
     MaskSettings,
     NullTextSettings,
     P2PSettings,
@@ -53,8 +55,9 @@ class EditRequest(Checked):
 
     method: str = setting(
         AUTO, "editing method: p2p (inversion + Prompt-to-Prompt), virtual (training-free virtual inversion, "
-              "SPEC §9), auto (the method whose settings are given; else virtual, or p2p with an S2Edit "
-              "checkpoint / finetune=true)", choices=(AUTO, *METHODS))
+              "SPEC §9), flowedit (flow models: SD3, FLUX; SPEC §11), auto (the method whose settings are "
+              "given; else flowedit on a flow model, virtual, or p2p with an S2Edit checkpoint / "
+              "finetune=true)", choices=(AUTO, *METHODS))
     steps: int = setting(50, "DDIM steps of the inversion and the p2p edit (virtual: virtual.steps)",
                          ge=1, le=1000)
     guidance: float = setting(7.5, "classifier-free guidance of the p2p edit (3.5–5.5 balances fidelity and "
@@ -64,6 +67,7 @@ class EditRequest(Checked):
     nti: NullTextSettings = field(default_factory=NullTextSettings)
     p2p: P2PSettings = field(default_factory=P2PSettings)
     virtual: VirtualSettings = field(default_factory=VirtualSettings)
+    flowedit: FlowEditSettings = field(default_factory=FlowEditSettings)
     spl: SPLSettings = field(default_factory=SPLSettings)
     mask: MaskSettings = field(default_factory=MaskSettings)
 

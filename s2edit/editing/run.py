@@ -101,6 +101,13 @@ def check_inputs(cfg: InferConfig, given: Iterable[str] | None = None) -> Inputs
         base_lora_file(Path(cfg.ckpt), manifest, cfg.lora)  # the export's base LoRA is where it says
     out = check_output(cfg, image)
     method = choose_method(cfg, given, default=cfg.default_method)
+    if cfg.ckpt is None:
+        from s2edit.core.loading import family_of
+        from s2edit.editing.methods import edit_method
+
+        family = family_of(cfg.model)
+        if family is not None:  # before minutes of loading
+            edit_method(method).check_model(family, cfg.model)
     return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest, method))
 
 

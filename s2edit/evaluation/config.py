@@ -95,8 +95,12 @@ class EvaluateConfig(EditRequest):
     @property
     def default_method(self) -> str:
         """What `method=auto` means when no method's settings are given: p2p when each item is
-        fine-tuned (the paper's editor), else virtual inversion (training-free)."""
-        return "p2p" if self.finetune else "virtual"
+        fine-tuned (the paper's editor), flowedit on a flow model, else virtual inversion (training-free)."""
+        if self.finetune:
+            return "p2p"
+        from s2edit.core.loading import is_flow_model
+
+        return "flowedit" if is_flow_model(self.model) else "virtual"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 METHODS: dict[str, str] = {
     "p2p": "s2edit.editing.methods.p2p:PromptToPromptMethod",  # inversion + Prompt-to-Prompt (SPEC §3–§4)
     "virtual": "s2edit.editing.methods.virtual:VirtualMethod",  # InfEdit's virtual inversion (SPEC §9)
+    "flowedit": "s2edit.editing.methods.flowedit:FlowEditMethod",  # FlowEdit on flow models (SPEC §11)
 }
 
 

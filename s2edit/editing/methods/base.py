@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from editkit.errors import InputError
 from s2edit.core.attention import (
     AttentionController,
     AttentionStore,
@@ -37,6 +38,27 @@ class EditMethod(abc.ABC):
 
     name: ClassVar[str]
     owns: ClassVar[tuple[str, ...]]  # request keys (and key groups) that only this method reads
+
+    def supports(self, family: type[ModelFamily]) -> bool:
+        """Whether the method runs on a model family (the inversion / attention-control methods need a
+        UNet family; FlowEdit a flow family)."""
+        from s2edit.core.flow_family import FlowFamily
+
+        return not issubclass(family, FlowFamily)
+
+    def check_model(self, model: ModelFamily | type[ModelFamily], source: str | None = None) -> None:
+        """Refuse, in one line, a model (or a family, for `model=` `source` before loading) of a family
+        the method does not run on."""
+        family = model if isinstance(model, type) else type(model)
+        if not self.supports(family):
+            from s2edit.core.flow_family import FlowFamily
+
+            if issubclass(family, FlowFamily):
+                hint = "flow models edit with method=flowedit"
+            else:
+                hint = "method=flowedit runs on flow models (SD3, FLUX); use p2p or virtual"
+            name = source if source is not None else getattr(model, "source", family.label)
+            raise InputError(f"method={self.name} does not run on model '{name}' ({family.label}): {hint}")
 
     @abc.abstractmethod
     def steps(self, request: EditRequest) -> int:
