@@ -134,15 +134,25 @@ def test_a_saved_sd3_folder_loads_as_sd3(sd3, tmp_path: Path) -> None:
 def test_the_unet_methods_refuse_a_flow_model_in_one_line(sd3, tmp_path: Path) -> None:
     from s2edit.editing.editor import Editor
 
-    with pytest.raises(InputError, match=r"^model 'tiny-sd3' is Stable Diffusion 3, a flow-matching model: "
-                                         r"editing with p2p or virtual inversion needs a UNet family"):
-        Editor(sd3)
+    with pytest.raises(InputError, match=r"^method=p2p does not run on model 'tiny-sd3' \(Stable Diffusion "
+                                         r"3\): flow models edit with method=flowedit$"):
+        Editor(sd3).invert(IMAGE, "a photo of a cat")
     lora = tmp_path / "lora.safetensors"
     from safetensors.torch import save_file
 
     save_file({"lora_unet_down.lora_down.weight": torch.zeros(1, 1)}, str(lora))
-    with pytest.raises(InputError, match="lora= needs a UNet family"):
+    with pytest.raises(InputError, match=r"^model 'tiny-sd3' is Stable Diffusion 3, a flow-matching model: "
+                                         r"lora= needs a UNet family"):
         load_model("tiny-sd3", lora=lora)
+    from s2edit.training.config import TrainConfig
+    from s2edit.training.run import check_inputs
+
+    config = TrainConfig(model="tiny-flux", image=str(IMAGE), prompt="a photo of a [I] cat", object="cat",
+                         out=str(tmp_path / "train"))
+    with pytest.raises(InputError, match=r"^model 'tiny-flux' is FLUX\.1, a flow-matching model: identity "
+                                         r"fine-tuning needs a UNet family .*method=flowedit$"):
+        check_inputs(config)
+    assert not (tmp_path / "train").exists()
 
 
 # ------------------------------------------------------------------------------------------------- FLUX
@@ -288,3 +298,59 @@ def test_refusals_of_flow_models_and_flowedit(args, fragment, tmp_path: Path, ca
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------- joint-attention maps
+
+
+def test_joint_attention_block_is_the_attention_the_block_computes(sd3) -> None:
+    """The image queries' joint softmax, recomputed beside SD3's processor, reproduces that processor's
+    image output; each row sums to 1, and its image→text block to the row's text share."""
+    import torch.nn.functional as F
+
+    from s2edit.core.joint_attention import image_text_block, joint_probs
+
+    attn = sd3.transformer.transformer_blocks[0].attn
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 16, 32, generator=gen)
+    context = torch.randn(2, 9, 32, generator=gen)
+    with torch.no_grad():
+        expected, _ = attn.processor(attn, hidden, context)
+        probs = joint_probs(attn, hidden, context)
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(2, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        values = torch.cat([split(attn.to_v(hidden)), split(attn.add_v_proj(context))], dim=2)
+        mixed = (probs @ values).transpose(1, 2).reshape(2, 16, -1)
+        torch.testing.assert_close(attn.to_out[0](mixed), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, heads, 16))
+    text_share = 1 - probs[..., :16].sum(-1)
+    torch.testing.assert_close(probs[..., 16:].sum(-1), text_share, atol=1e-6, rtol=0)
+    block = image_text_block(attn, hidden, context)
+    assert block.shape == (2, 16, 9)
+    torch.testing.assert_close(block.sum(-1), text_share.mean(1), atol=1e-6, rtol=0)
+    assert F.mse_loss(block.sum(-1), torch.ones(2, 16)) > 1e-3  # the text share is not 1
+
+
+def test_word_maps_come_from_the_words_own_columns(sd3, source_latent) -> None:
+    from s2edit.core.joint_attention import JointMapStore, word_map
+
+    prompt = "a photo of a cat on the grass"
+    cond = sd3.encode_prompt(["", prompt])
+    columns = sd3.context_columns(prompt, "cat")
+    assert columns == [5, 77 + 4]  # CLIP: <start> a photo of a cat; T5: a photo of a cat (no start token)
+    plain = sd3.velocity(source_latent.expand(2, -1, -1, -1), 0.5, cond).detach()
+    store = JointMapStore(rows=[1])  # the conditional row only
+    with torch.no_grad(), store.reading(sd3.transformer):
+        read = sd3.velocity(source_latent.expand(2, -1, -1, -1), 0.5, cond)
+    assert torch.equal(read, plain)  # reading changes nothing
+    assert store.calls == len(sd3.transformer.transformer_blocks)
+    block = store.average()
+    assert block.shape == (1, 8 * 8, 77 + sd3.max_sequence_length)
+    cat, grass = word_map(block, columns), word_map(block, sd3.context_columns(prompt, "grass"))
+    torch.testing.assert_close(cat, block[..., 5] + block[..., 81])
+    assert not torch.allclose(cat, grass)
+    with pytest.raises(InputError, match="word 'dog' is not in the prompt"):
+        sd3.context_columns(prompt, "dog")

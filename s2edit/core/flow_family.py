@@ -22,12 +22,14 @@ from s2edit.core.family import Conditioning, ModelFamily, TextEncoding
 from s2edit.core.flow import flow_sigmas
 
 
-def refuse_flow_family(model: ModelFamily, what: str) -> None:
-    """One line refusing a flow family where only the UNet families work (`what`: the refused use)."""
-    if isinstance(model, FlowFamily):
-        raise InputError(f"model '{model.source}' is {model.label}, a flow-matching model: {what} needs a "
-                         f"UNet family (SD 1.x / 2.x, SDXL); flow models edit with FlowEdit "
-                         f"(s2edit.editing.flowedit.flowedit_latents)")
+def refuse_flow_family(model: ModelFamily | type[ModelFamily], what: str, source: str | None = None) -> None:
+    """One line refusing a flow model (or family, before loading `source`) where only the UNet families
+    work (`what`: the refused use)."""
+    family = model if isinstance(model, type) else type(model)
+    if issubclass(family, FlowFamily):
+        source = source if source is not None else getattr(model, "source", "")
+        raise InputError(f"model '{source}' is {family.label}, a flow-matching model: {what} needs a "
+                         f"UNet family (SD 1.x / 2.x, SDXL); flow models edit with method=flowedit")
 
 
 class FlowFamily(ModelFamily):

@@ -222,6 +222,9 @@ def load_model(
     if lora is not None:
         lora = Path(lora).expanduser()
         check_lora_file(lora)  # before minutes of model loading
+        family = family_of(model)
+        if family is not None:
+            refuse_flow_family(family, "lora=", model)
     presets = preset_names()
     if model in presets:
         loaded = random_model(model, seed=seed)

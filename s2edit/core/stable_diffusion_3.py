@@ -39,6 +39,12 @@ class StableDiffusion3(FlowFamily):
         transformer_class = configs.get("transformer", {}).get("_class_name")
         return pipeline.startswith("StableDiffusion3") or transformer_class == cls.transformer_class
 
+    def context_columns(self, prompt: str, word: str) -> list[int]:
+        """`word`'s columns in the joint context: its CLIP-L token positions (the first 77 columns hold the
+        CLIPs' states), then its T5 token positions, from the T5 tokenizer's offsets, after them."""
+        clip, _, t5 = self.word_positions(prompt, word)
+        return [*clip, *(self.tokenizers[0].model_max_length + k for k in t5)]
+
     @property
     def patch_size(self) -> int:
         return int(self.transformer.config.patch_size)
