@@ -354,3 +354,20 @@ def test_word_maps_come_from_the_words_own_columns(sd3, source_latent) -> None:
     assert not torch.allclose(cat, grass)
     with pytest.raises(InputError, match="word 'dog' is not in the prompt"):
         sd3.context_columns(prompt, "dog")
+
+
+def test_the_light_family_tables_agree_with_the_family_classes(tmp_path: Path) -> None:
+    from s2edit.core import detect
+    from s2edit.core.flow_family import FlowFamily
+    from s2edit.core.loading import FAMILIES, preset_names
+
+    assert {name: family.label for name, family in FAMILIES.items()} == detect.LABELS
+    assert sorted(name for name, family in FAMILIES.items() if issubclass(family, FlowFamily)) == \
+        sorted(detect.FLOW_FAMILIES)
+    families = {name: detect.family_name(name) for name in preset_names()}
+    assert families == {"sd-v1-random": "sd1", "sdxl-random": "sdxl", "tiny": "sd1", "tiny-flux": "flux",
+                        "tiny-lcm": "sd1", "tiny-sd3": "sd3", "tiny-v": "sd2", "tiny-xl": "sdxl",
+                        "tiny-xl-lcm": "sdxl"}
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    assert detect.family_name(str(tmp_path)) == "flux"
+    assert detect.family_name("nobody/not-cached-anywhere") is None

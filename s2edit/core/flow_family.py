@@ -18,6 +18,7 @@ import torch
 
 from editkit.errors import InputError
 from s2edit.core.attention import AttentionLayer
+from s2edit.core.detect import flow_refusal
 from s2edit.core.family import Conditioning, ModelFamily, TextEncoding
 from s2edit.core.flow import flow_sigmas
 
@@ -26,10 +27,10 @@ def refuse_flow_family(model: ModelFamily | type[ModelFamily], what: str, source
     """One line refusing a flow model (or family, before loading `source`) where only the UNet families
     work (`what`: the refused use)."""
     family = model if isinstance(model, type) else type(model)
-    if issubclass(family, FlowFamily):
-        source = source if source is not None else getattr(model, "source", "")
-        raise InputError(f"model '{source}' is {family.label}, a flow-matching model: {what} needs a "
-                         f"UNet family (SD 1.x / 2.x, SDXL); flow models edit with method=flowedit")
+    source = source if source is not None else getattr(model, "source", family.name)
+    message = flow_refusal(family.name, source, what)
+    if message is not None:
+        raise InputError(message)
 
 
 class FlowFamily(ModelFamily):

@@ -31,6 +31,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from editkit.errors import InputError
+from s2edit.core.detect import family_name
 from s2edit.core.family import ModelFamily
 from s2edit.core.flow_family import FlowFamily, refuse_flow_family
 from s2edit.core.flux import Flux
@@ -186,22 +187,10 @@ def random_model(name: str = "tiny", seed: int = 0) -> ModelFamily:
 
 
 def family_of(model: str) -> type[ModelFamily] | None:
-    """The family of what `model=` names, found without loading weights: a preset's, or a folder's (or a
-    cached hub id's) `model_index.json` pipeline class; None when that does not tell (a UNet family is then
-    told from the component configs while loading)."""
-    if model in preset_names():
-        return FAMILIES[_preset_configs(model)[0]["family"]]
-    if not (_looks_like_path(model) or HUB_ID.fullmatch(model)):
-        return None
-    pipeline = _model_index(str(Path(model).expanduser()) if _looks_like_path(model) else model,
-                            local_files_only=True).get("_class_name", "")
-    return next((family for family in FAMILIES.values() if pipeline and family.matches(pipeline, {})), None)
-
-
-def is_flow_model(model: str) -> bool:
-    """Whether `model=` names a flow-matching model (SD3, FLUX), from :func:`family_of`."""
-    family = family_of(model)
-    return family is not None and issubclass(family, FlowFamily)
+    """The family class of what `model=` names, told from files without loading weights
+    (:func:`s2edit.core.detect.family_name`); None when that does not tell."""
+    name = family_name(model)
+    return FAMILIES[name] if name is not None else None
 
 
 def load_model(

@@ -45,6 +45,6 @@ class InferConfig(EditRequest):
         SPEC §9)."""
         if self.ckpt is not None:
             return "p2p"
-        from s2edit.core.loading import is_flow_model
+        from s2edit.core.detect import FLOW_FAMILIES, family_name
 
-        return "flowedit" if is_flow_model(self.model) else "virtual"
+        return "flowedit" if family_name(self.model) in FLOW_FAMILIES else "virtual"

@@ -102,12 +102,12 @@ def check_inputs(cfg: InferConfig, given: Iterable[str] | None = None) -> Inputs
     out = check_output(cfg, image)
     method = choose_method(cfg, given, default=cfg.default_method)
     if cfg.ckpt is None:
-        from s2edit.core.loading import family_of
-        from s2edit.editing.methods import edit_method
+        from s2edit.core.detect import family_name, method_refusal
 
-        family = family_of(cfg.model)
-        if family is not None:  # before minutes of loading
-            edit_method(method).check_model(family, cfg.model)
+        family = family_name(cfg.model)
+        refusal = method_refusal(method, family, cfg.model) if family is not None else None
+        if refusal is not None:  # before minutes of loading
+            raise InputError(refusal)
     return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest, method))
 
 

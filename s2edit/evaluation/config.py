@@ -98,9 +98,9 @@ class EvaluateConfig(EditRequest):
         fine-tuned (the paper's editor), flowedit on a flow model, else virtual inversion (training-free)."""
         if self.finetune:
             return "p2p"
-        from s2edit.core.loading import is_flow_model
+        from s2edit.core.detect import FLOW_FAMILIES, family_name
 
-        return "flowedit" if is_flow_model(self.model) else "virtual"
+        return "flowedit" if family_name(self.model) in FLOW_FAMILIES else "virtual"
 
 
 @dataclass(frozen=True)

@@ -66,12 +66,12 @@ def check_inputs(config: TrainConfig) -> list[TrainingPair]:
             raise InputError(f"accelerator={config.accelerator} needs a CUDA GPU, and none is available: "
                              "use accelerator=auto or accelerator=cpu")
     check_output(config)
-    from s2edit.core.flow_family import refuse_flow_family
-    from s2edit.core.loading import family_of
+    from s2edit.core.detect import family_name, flow_refusal
 
-    family = family_of(config.model)
-    if family is not None:
-        refuse_flow_family(family, "identity fine-tuning", config.model)
+    family = family_name(config.model)
+    refusal = flow_refusal(family, config.model, "identity fine-tuning") if family is not None else None
+    if refusal is not None:  # before minutes of loading
+        raise InputError(refusal)
     if config.lora is not None:
         check_lora_file(Path(config.lora).expanduser())
     pairs = training_pairs(config)

@@ -23,6 +23,7 @@ from s2edit.core.attention import (
     ControllerChain,
     SpatialControl,
 )
+from s2edit.core.detect import method_refusal
 from s2edit.core.engine import LocalBlend, StepCallback
 from s2edit.core.family import ModelFamily
 
@@ -39,26 +40,14 @@ class EditMethod(abc.ABC):
     name: ClassVar[str]
     owns: ClassVar[tuple[str, ...]]  # request keys (and key groups) that only this method reads
 
-    def supports(self, family: type[ModelFamily]) -> bool:
-        """Whether the method runs on a model family (the inversion / attention-control methods need a
-        UNet family; FlowEdit a flow family)."""
-        from s2edit.core.flow_family import FlowFamily
-
-        return not issubclass(family, FlowFamily)
-
     def check_model(self, model: ModelFamily | type[ModelFamily], source: str | None = None) -> None:
         """Refuse, in one line, a model (or a family, for `model=` `source` before loading) of a family
-        the method does not run on."""
+        the method does not run on (flowedit: the flow families; the others: the UNet families)."""
         family = model if isinstance(model, type) else type(model)
-        if not self.supports(family):
-            from s2edit.core.flow_family import FlowFamily
-
-            if issubclass(family, FlowFamily):
-                hint = "flow models edit with method=flowedit"
-            else:
-                hint = "method=flowedit runs on flow models (SD3, FLUX); use p2p or virtual"
-            name = source if source is not None else getattr(model, "source", family.label)
-            raise InputError(f"method={self.name} does not run on model '{name}' ({family.label}): {hint}")
+        source = source if source is not None else getattr(model, "source", family.name)
+        message = method_refusal(self.name, family.name, source)
+        if message is not None:
+            raise InputError(message)
 
     @abc.abstractmethod
     def steps(self, request: EditRequest) -> int:

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from editkit.errors import InputError
 from s2edit.core.engine import LocalBlend, RefineSettings, StepCallback, preservation_losses, refine_images
 from s2edit.core.family import ModelFamily
-from s2edit.core.flow_family import FlowFamily
 from s2edit.core.settings import FlowEditSettings
 from s2edit.editing.methods.base import EditMethod
 
@@ -43,9 +42,6 @@ class FlowEditMethod(EditMethod):
 
     name: ClassVar[str] = "flowedit"
     owns: ClassVar[tuple[str, ...]] = ("flowedit",)
-
-    def supports(self, family: type[ModelFamily]) -> bool:
-        return issubclass(family, FlowFamily)
 
     def steps(self, request: EditRequest) -> int:
         """T when given; 0 = the family's default (known once the model is loaded)."""
