@@ -87,6 +87,20 @@ class MapLog(AttentionController):
         return torch.stack([maps for *_, maps in self.calls]).mean(dim=0)
 
 
+def run_cli(main: Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture
+            ) -> tuple[int, str]:
+    """A script's `main` in-process as its command line runs it (one-line errors, exit codes):
+    (exit code, stderr)."""
+    from editkit.config import run_main
+
+    try:
+        run_main(main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 def record(attribute: str, into: list) -> Callable[[StepState], None]:
     """A step callback that keeps a copy of `state.<attribute>` after every step."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IMAGE
+from conftest import IMAGE, run_cli
 from editkit.errors import InputError
 from editkit.images import load_image
 from s2edit.core.family import Conditioning
@@ -71,16 +71,23 @@ def test_target_equal_to_source_returns_the_source_latent_exactly(sd3, source_la
     assert (edited - source_latent).abs().max() > 1e-2  # a different prompt does move it
 
 
+def batched_velocities(model, latent: torch.Tensor, source: str, targets: list[str], seed: int):
+    """(source conditioning, target conditionings, z_src, z_tar, guided v_src, guided v_tar) of one FlowEdit
+    step at σ = 0.6 on noisy copies of `latent`, with the family's default guidance."""
+    src, tar = model.encode_prompt([source]), model.encode_prompt(targets)
+    velocity = GuidedVelocity(model, src, tar, resolved(FlowEditSettings(), model.name))
+    gen = torch.Generator().manual_seed(seed)
+    z_src = latent + 0.5 * torch.randn(latent.shape, generator=gen)
+    z_tar = z_src.expand(len(targets), -1, -1, -1) + 0.1 * torch.randn((len(targets), *latent.shape[1:]),
+                                                                       generator=gen)
+    return (src, tar, z_src, z_tar, velocity, *velocity(z_src, z_tar, 0.6))
+
+
 def test_the_cfg_rows_line_up_with_their_prompts(sd3, source_latent) -> None:
     """One batched call equals the per-prompt single-row calls; swapping the prompts swaps the results."""
     settings = resolved(FlowEditSettings(), "sd3")
-    src = sd3.encode_prompt(["a photo of a cat"])
-    tar = sd3.encode_prompt(["a watercolor of a dog", "a tiger"])
-    velocity = GuidedVelocity(sd3, src, tar, settings)
-    gen = torch.Generator().manual_seed(0)
-    z_src = source_latent + 0.5 * torch.randn(source_latent.shape, generator=gen)
-    z_tar = z_src.expand(2, -1, -1, -1) + 0.1 * torch.randn((2, *source_latent.shape[1:]), generator=gen)
-    v_src, v_tar = velocity(z_src, z_tar, 0.6)
+    src, tar, z_src, z_tar, velocity, v_src, v_tar = batched_velocities(
+        sd3, source_latent, "a photo of a cat", ["a watercolor of a dog", "a tiger"], seed=0)
     empty = sd3.encode_prompt([""])
 
     def alone(z: torch.Tensor, cond: Conditioning, w: float) -> torch.Tensor:
@@ -193,21 +200,15 @@ def test_the_flux_preset_and_its_packed_velocity(flux, flux_latent) -> None:
 
 
 def test_flux_guidance_rows_line_up_and_target_equal_to_source_is_exact(flux, flux_latent) -> None:
-    settings = resolved(FlowEditSettings(), "flux")
-    src = flux.encode_prompt(["a photo of a cat"])
-    tar = flux.encode_prompt(["a photo of a dog", "a tiger"])
-    velocity = GuidedVelocity(flux, src, tar, settings)
-    gen = torch.Generator().manual_seed(1)
-    z_src = flux_latent + 0.5 * torch.randn(flux_latent.shape, generator=gen)
-    z_tar = z_src.expand(2, -1, -1, -1) + 0.1 * torch.randn((2, *flux_latent.shape[1:]), generator=gen)
-    v_src, v_tar = velocity(z_src, z_tar, 0.5)
+    src, tar, z_src, z_tar, _, v_src, v_tar = batched_velocities(
+        flux, flux_latent, "a photo of a cat", ["a photo of a dog", "a tiger"], seed=1)
     with torch.no_grad():  # one row per branch, each with its own guidance value: as single calls
-        torch.testing.assert_close(v_src, flux.velocity(z_src, 0.5, src, torch.tensor([1.5])),
+        torch.testing.assert_close(v_src, flux.velocity(z_src, 0.6, src, torch.tensor([1.5])),
                                    atol=1e-4, rtol=1e-4)
         for k in range(2):
-            alone = flux.velocity(z_tar[k:k + 1], 0.5, tar[k], torch.tensor([5.5]))
+            alone = flux.velocity(z_tar[k:k + 1], 0.6, tar[k], torch.tensor([5.5]))
             torch.testing.assert_close(v_tar[k:k + 1], alone, atol=1e-4, rtol=1e-4)
-        swapped = flux.velocity(z_src, 0.5, src, torch.tensor([5.5]))  # the guidance really enters
+        swapped = flux.velocity(z_src, 0.6, src, torch.tensor([5.5]))  # the guidance really enters
     assert not torch.allclose(swapped, v_src, atol=1e-4)
     cat = "a photo of a cat"
     same = FlowEditSettings(steps=6, n_max=4, source_guidance=3.0, target_guidance=3.0)
@@ -226,15 +227,9 @@ def test_a_saved_flux_folder_loads_as_flux(flux, tmp_path: Path) -> None:
 
 
 def infer_run(argv: list[str], capsys) -> tuple[int, str]:
-    from editkit.config import run_main
     from s2edit.editing import run as infer
 
-    try:
-        run_main(infer.main, argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    return run_cli(infer.main, argv, capsys)
 
 
 def test_infer_edits_a_flow_model_with_flowedit_and_spl(tmp_path: Path, capsys) -> None:

@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
-from editkit.config import run_main
+from conftest import ROOT, run_cli
 from s2edit.core.loading import load_model
 from s2edit.editing import run as infer
 
@@ -32,12 +31,7 @@ LONG = " ".join(["very"] * 80)
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """infer.py in-process: (exit code, stderr)."""
-    try:
-        run_main(infer.main, argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    return run_cli(infer.main, argv, capsys)
 
 
 def assert_refused(code: int, stderr: str, fragment: str, out: Path) -> None:
