@@ -282,7 +282,7 @@ def test_spl_in_the_loop_changes_only_its_steps(sd3, source_latent) -> None:
     (["model=tiny", "method=flowedit"], "method=flowedit does not run on model 'tiny' (Stable Diffusion)"),
     (["model=tiny-sd3", "flowedit.n_max=60", "flowedit.steps=50"],
      "flowedit.n_max=60 exceeds flowedit.steps=50"),
-    (["model=tiny-sd3", "mask.source_words=[cat]"], "method=flowedit reads no attention maps yet"),
+    (["model=tiny-flux", "mask.source_words=[cat]"], "word maps are read on Stable Diffusion 3 only so far"),
     (["model=tiny-sd3", "method=virtual", "flowedit.n_max=3"],
      "flowedit.n_max=3 is a setting of method=flowedit"),
 ])
@@ -366,3 +366,32 @@ def test_the_light_family_tables_agree_with_the_family_classes(tmp_path: Path) -
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     assert detect.family_name(str(tmp_path)) == "flux"
     assert detect.family_name("nobody/not-cached-anywhere") is None
+
+
+def test_flowedit_masks_come_from_the_joint_maps_of_the_edit_steps(sd3, source_latent, tmp_path: Path,
+                                                                     capsys) -> None:
+    """The store reads the conditional rows [source, target] at every edit step (not in the sampling
+    tail); infer.py turns the mask words' maps into SPEC §6 masks (mask_0 = max(source, target_0))."""
+    from editkit.images import load_mask
+    from s2edit.core.joint_attention import JointMapStore
+
+    store = JointMapStore()
+    settings = FlowEditSettings(steps=8, n_max=5, n_min=2)
+    flowedit_latents(sd3, source_latent, "a photo of a cat", ["a photo of a dog"], settings, maps=store)
+    assert store.rows == [1, 3] and store.calls == 3 * len(sd3.transformer.transformer_blocks)
+    tokens = (source_latent.shape[-2] // 2) * (source_latent.shape[-1] // 2)  # patch 2
+    assert store.average().shape == (2, tokens, 77 + sd3.max_sequence_length)
+    out = tmp_path / "edit"
+    code, err = infer_run(["model=tiny-sd3", f"image={IMAGE}", "source=a photo of a cat",
+                           "target=a photo of a dog", "flowedit.steps=8", "flowedit.n_max=6",
+                           "spl.iterations=3", "mask.source_words=[cat]", "mask.target_words=[dog]",
+                           "mask.source_threshold=0.99", "mask.target_threshold=0.99",  # random maps: flat
+                           "spl.structure_area=masked", f"out={out}"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["files"]["masks"]) == {"source", "target_0", "mask_0"}
+    size = load_image(IMAGE, resolution=128, multiple=16).shape[-2:]
+    source, target, final = (load_mask(out / report["files"]["masks"][k], tuple(size))
+                             for k in ("source", "target_0", "mask_0"))
+    torch.testing.assert_close(final, torch.maximum(source, target), atol=1 / 255, rtol=0)
+    assert 0 < float(final.mean()) < 0.5 and not torch.allclose(source, target, atol=0.05)

@@ -9,9 +9,11 @@ makes two transformer calls per step; one batched call computes the same rows).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from editkit.errors import InputError
 from s2edit.core.family import Conditioning
 from s2edit.core.flow import StepHook, flowedit
 from s2edit.core.flow_family import FlowFamily
+from s2edit.core.joint_attention import JointMapStore
 from s2edit.core.settings import FlowEditSettings
 
 # The paper's settings per family (SPEC §11).
@@ -78,10 +81,11 @@ class GuidedVelocity:
 
 def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, targets: Sequence[str],
                      settings: FlowEditSettings | None = None, *, seed: int = 0,
-                     on_step: StepHook | None = None, progress: Callable[[int], None] | None = None
-                     ) -> torch.Tensor:
+                     on_step: StepHook | None = None, progress: Callable[[int], None] | None = None,
+                     maps: JointMapStore | None = None) -> torch.Tensor:
     """FlowEdit of the source latent `x_src` (1, C, h, w) from `source` into each of `targets`:
-    (len(targets), C, h, w), float32."""
+    (len(targets), C, h, w), float32. `maps` (SD3): reads the conditional rows' joint-attention blocks,
+    [source, *targets], at every edit step (not in the sampling tail)."""
     if model.name not in FAMILY_DEFAULTS:
         raise InputError(f"FlowEdit runs on the flow families ({', '.join(FAMILY_DEFAULTS)}), not "
                          f"{model.label}")
@@ -91,6 +95,21 @@ def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, target
     velocity = GuidedVelocity(model, model.encode_prompt([source]), model.encode_prompt(list(targets)),
                               settings)
     sigmas = model.sigmas(settings.steps, tuple(x_src.shape[-2:]))
-    return flowedit(velocity, x_src.float(), sigmas, len(targets), n_max=settings.n_max,
-                    n_min=settings.n_min, n_avg=settings.n_avg, seed=seed, on_step=on_step,
-                    progress=progress)
+    run = velocity
+    reading: Any = contextlib.nullcontext()
+    if maps is not None:
+        if velocity.embedded:
+            raise InputError(f"joint-attention word maps are read on Stable Diffusion 3 only so far, not "
+                             f"{model.label}")
+        maps.rows = [2 * k + 1 for k in range(1 + len(targets))]  # the conditional row of each branch
+        reading = maps.reading(model.transformer)
+
+        def run(z_src: torch.Tensor | None, z_tar: torch.Tensor, sigma: float
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+            maps.active = z_src is not None  # the sampling tail has no source row
+            return velocity(z_src, z_tar, sigma)
+
+    with reading:
+        return flowedit(run, x_src.float(), sigmas, len(targets), n_max=settings.n_max,
+                        n_min=settings.n_min, n_avg=settings.n_avg, seed=seed, on_step=on_step,
+                        progress=progress)

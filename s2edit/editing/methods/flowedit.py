@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from editkit.errors import InputError
 from s2edit.core.engine import LocalBlend, RefineSettings, StepCallback, preservation_losses, refine_images
 from s2edit.core.family import ModelFamily
+from s2edit.core.joint_attention import JointMapStore
 from s2edit.core.settings import FlowEditSettings
+from s2edit.editing.maps import loss_mask_pair, preservation_masks
 from s2edit.editing.methods.base import EditMethod
 
 if TYPE_CHECKING:
@@ -35,6 +37,26 @@ if TYPE_CHECKING:
 def spl_flow_steps(executed: int, opt_schedule: float) -> list[int]:
     """Executed FlowEdit steps j (0 … executed − 1) with SPL in the loop: (j + 1)/n_exec ≥ opt_schedule."""
     return [j for j in range(executed) if (j + 1) / executed >= opt_schedule]
+
+
+def joint_masks(model: Any, plan: EditPlan, store: JointMapStore, image: torch.Tensor, guides: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """SPEC §6 preservation masks from the joint-attention word maps (rows [source, *targets]): the mask
+    words' columns of each row's image→text block, at the token grid (latent side / patch), upsampled by
+    the guided filter on the input (source) and `guides` (targets) as for the UNet families."""
+    block = store.average()  # (1 + n, N_img, L)
+    height, width = _token_grid(model, image)
+    maps = block.reshape(block.shape[0], height, width, block.shape[-1])
+    source = [c for w in plan.masks.source_words for c in model.context_columns(plan.source, w)]
+    targets = [[c for w in plan.masks.target_words for c in model.context_columns(target, w)]
+               for target in plan.targets]
+    return preservation_masks(maps, source, targets, image, guides, plan.masks)
+
+
+def _token_grid(model: Any, image: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of image tokens of an image: its latent sides over the patch side."""
+    factor = model.vae_scale_factor * model.patch_size
+    return image.shape[-2] // factor, image.shape[-1] // factor
 
 
 class FlowEditMethod(EditMethod):
@@ -52,11 +74,7 @@ class FlowEditMethod(EditMethod):
 
     def tables(self, tokenizer: Any, source: str, targets: Sequence[str], request: EditRequest,
                steps: int) -> None:
-        """FlowEdit has no attention control; the word-map masks of SPEC §6 are refused until the joint
-        attention maps are read (one line, before any model loads)."""
-        if request.mask.wanted:
-            raise InputError("mask.source_words / mask.target_words: method=flowedit reads no attention maps "
-                             "yet, so it makes no masks; SPL applies to the whole image")
+        """FlowEdit has no attention control or LocalBlend: nothing to build; its settings are checked."""
         settings = request.flowedit
         if settings.n_max is not None and settings.steps is not None and settings.n_max > settings.steps:
             raise InputError(f"flowedit.n_max={settings.n_max} exceeds flowedit.steps={settings.steps}")
@@ -92,6 +110,13 @@ class FlowEditMethod(EditMethod):
             spl_steps = set(spl_flow_steps(executed, plan.spl.opt_schedule)) if plan.spl.active else set()
             records: list[dict[str, Any]] = []
             spl_seconds = 0.0
+            store = JointMapStore() if plan.masks.wanted else None
+            masks: dict[str, torch.Tensor] = {}
+
+            def make_masks(guides: torch.Tensor) -> None:
+                """SPEC §6 masks from the word maps read so far, the edits `guides` guiding the targets."""
+                if store is not None and not masks:
+                    masks.update(joint_masks(model, plan, store, image, guides))
 
             def spl_in_loop(j: int, n: int, z: torch.Tensor) -> torch.Tensor:
                 nonlocal spl_seconds
@@ -99,11 +124,14 @@ class FlowEditMethod(EditMethod):
                     return z
                 hook_start = time.perf_counter()
                 decoded = editor.decode(z)
-                refined = refine_images(round_trip, decoded, refine_settings, None, None)
+                if plan.spl.uses_mask:
+                    make_masks(decoded)  # the maps so far, this step's edits as guides (once)
+                loss_masks = loss_mask_pair(plan, masks)
+                refined = refine_images(round_trip, decoded, refine_settings, *loss_masks)
                 records.append({
                     "step": j,
-                    "before": preservation_losses(round_trip, decoded, refine_settings, None, None),
-                    "after": preservation_losses(round_trip, refined, refine_settings, None, None),
+                    "before": preservation_losses(round_trip, decoded, refine_settings, *loss_masks),
+                    "after": preservation_losses(round_trip, refined, refine_settings, *loss_masks),
                 })
                 spl_seconds += time.perf_counter() - hook_start
                 return editor.encode(refined)
@@ -111,7 +139,7 @@ class FlowEditMethod(EditMethod):
             bar = tqdm(total=settings.n_max, desc="flowedit", disable=not editor.progress, leave=False)
             loop_start = time.perf_counter()
             latents = flowedit_latents(model, x_src, plan.source, plan.targets, settings, seed=seed,
-                                       on_step=spl_in_loop, progress=lambda i: bar.update(1))
+                                       on_step=spl_in_loop, progress=lambda i: bar.update(1), maps=store)
             bar.close()
             timings["denoise"] = time.perf_counter() - loop_start - spl_seconds
             timings["spl_in_loop"] = spl_seconds
@@ -119,19 +147,24 @@ class FlowEditMethod(EditMethod):
             decode_start = time.perf_counter()
             raw = editor.decode(latents)
             timings["decode"] = time.perf_counter() - decode_start
+            mask_start = time.perf_counter()
+            make_masks(raw)
+            loss_masks = loss_mask_pair(plan, masks)
+            timings["masks"] = time.perf_counter() - mask_start
             post_start = time.perf_counter()
             final = raw
             if plan.spl.postprocess and plan.spl.active:
-                final = refine_images(image, raw, refine_settings, None, None)
+                final = refine_images(image, raw, refine_settings, *loss_masks)
             timings["postprocess"] = time.perf_counter() - post_start
             metrics = edit_metrics(plan.targets, image, round_trip, round_trip, raw, final, refine_settings,
-                                   (None, None))
+                                   loss_masks)
             metrics["spl_in_loop"] = records
             timings["total"] = time.perf_counter() - start
         return EditResult(
             method=self.name, prompts=plan.prompts, images=final.cpu(), raw_images=raw.cpu(),
             reconstruction=round_trip.cpu(), source=image.cpu(), metrics=metrics, timings=timings,
+            masks={k: v.cpu() for k, v in masks.items()},
             latents=torch.cat([x_src, latents]).cpu(),
             settings={self.name: dataclasses.asdict(settings), "spl": dataclasses.asdict(plan.spl),
-                      "family": model.name},
+                      "mask": dataclasses.asdict(plan.masks), "family": model.name},
         )
