@@ -216,6 +216,18 @@ def refine_images(
     )
 
 
+def postprocessed(
+    reference: torch.Tensor,
+    raw: torch.Tensor,
+    settings: RefineSettings,
+    loss_masks: tuple[torch.Tensor | None, torch.Tensor | None],
+    enabled: bool,
+) -> torch.Tensor:
+    """The decoded edits `raw` after SPL post-processing against the input `reference` (SPEC §5), or
+    `raw` itself when post-processing is off (`enabled`: spl.postprocess and a loss is active)."""
+    return refine_images(reference, raw, settings, *loss_masks) if enabled else raw
+
+
 def preservation_losses(
     reference: torch.Tensor,
     images: torch.Tensor,

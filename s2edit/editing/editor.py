@@ -37,7 +37,7 @@ from s2edit.core.engine import (
     StepCallback,
     StepState,
     denoise,
-    refine_images,
+    postprocessed,
 )
 from s2edit.core.family import ModelFamily
 from s2edit.core.loading import load_model
@@ -295,9 +295,8 @@ class Editor:
 
             # 6. Post-processing against the input image
             post_start = time.perf_counter()
-            final = raw
-            if plan.spl.postprocess and plan.spl.active:
-                final = refine_images(source_image, raw, refine_settings, *loss_masks)
+            final = postprocessed(source_image, raw, refine_settings, loss_masks,
+                                  plan.spl.postprocess and plan.spl.active)
             timings["postprocess"] = time.perf_counter() - post_start
 
             # 7. Metrics and attention maps

@@ -19,7 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from editkit.errors import InputError
-from s2edit.core.engine import LocalBlend, RefineSettings, StepCallback, preservation_losses, refine_images
+from s2edit.core.engine import (
+    LocalBlend,
+    RefineSettings,
+    StepCallback,
+    postprocessed,
+    preservation_losses,
+    refine_images,
+)
 from s2edit.core.family import ModelFamily
 from s2edit.core.joint_attention import JointMapStore
 from s2edit.core.settings import FlowEditSettings
@@ -152,9 +159,8 @@ class FlowEditMethod(EditMethod):
             loss_masks = loss_mask_pair(plan, masks)
             timings["masks"] = time.perf_counter() - mask_start
             post_start = time.perf_counter()
-            final = raw
-            if plan.spl.postprocess and plan.spl.active:
-                final = refine_images(image, raw, refine_settings, *loss_masks)
+            final = postprocessed(image, raw, refine_settings, loss_masks,
+                                  plan.spl.postprocess and plan.spl.active)
             timings["postprocess"] = time.perf_counter() - post_start
             metrics = edit_metrics(plan.targets, image, round_trip, round_trip, raw, final, refine_settings,
                                    loss_masks)
