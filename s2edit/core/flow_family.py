@@ -83,6 +83,12 @@ class FlowFamily(ModelFamily):
         return {}
 
     @property
+    def guidance_embedding(self) -> bool:
+        """Whether the transformer takes the guidance scale as an input embedding (FLUX-dev) instead of
+        classifier-free guidance rows (SD3)."""
+        return False
+
+    @property
     def max_sequence_length(self) -> int:
         return int(self.pipeline_config.get("max_sequence_length", self.default_max_sequence_length))
 

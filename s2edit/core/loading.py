@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import warnings
@@ -31,7 +30,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from editkit.errors import InputError
-from s2edit.core.detect import family_name
+from s2edit.core.detect import HUB_ID, MODEL_INDEX, PRESET_DIR, PRESET_FILE, family_name, looks_like_path
 from s2edit.core.family import ModelFamily
 from s2edit.core.flow_family import FlowFamily, refuse_flow_family
 from s2edit.core.flux import Flux
@@ -49,14 +48,10 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     "sd1": StableDiffusion,
 }
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: one folder per random preset
-PRESET_FILE = "preset.json"
 PRESET_PARTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3")
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
 LOAD_HINT = ("pass a local diffusers folder (model=/path/to/stable-diffusion-v1-4) or a random preset "
              "(model=tiny)")
-MODEL_INDEX = "model_index.json"
 
 
 class _EmptyFloat32ListFilter(logging.Filter):
@@ -217,7 +212,7 @@ def load_model(
     presets = preset_names()
     if model in presets:
         loaded = random_model(model, seed=seed)
-    elif _looks_like_path(model):
+    elif looks_like_path(model):
         folder = Path(model).expanduser()
         check_diffusers_folder(folder)
         loaded = _from_pretrained(str(folder), dtype=dtype, local_files_only=True)
@@ -230,11 +225,6 @@ def load_model(
         refuse_flow_family(loaded, "lora=")
         fuse_unet_lora(loaded, lora)
     return loaded.eval().to(device=device, dtype=dtype)
-
-
-def _looks_like_path(model: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything that exists, or starts like a path, is a folder."""
-    return Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
 def check_diffusers_folder(folder: Path, family: type[ModelFamily] | None = None) -> None:

@@ -55,7 +55,7 @@ class GuidedVelocity:
     def __init__(self, model: FlowFamily, source: Conditioning, targets: Conditioning,
                  settings: FlowEditSettings) -> None:
         self.model, self.settings = model, settings
-        self.embedded = bool(getattr(model, "guidance_embedding", False))
+        self.embedded = model.guidance_embedding
         self.empty = None if self.embedded else model.encode_prompt([""])
         self.source, self.targets = source, targets
 
