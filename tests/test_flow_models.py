@@ -282,7 +282,7 @@ def test_spl_in_the_loop_changes_only_its_steps(sd3, source_latent) -> None:
     (["model=tiny", "method=flowedit"], "method=flowedit does not run on model 'tiny' (Stable Diffusion)"),
     (["model=tiny-sd3", "flowedit.n_max=60", "flowedit.steps=50"],
      "flowedit.n_max=60 exceeds flowedit.steps=50"),
-    (["model=tiny-flux", "mask.source_words=[cat]"], "word maps are read on Stable Diffusion 3 only so far"),
+    (["model=tiny-flux", "mask.source_words=[tiger]"], "mask.source_words word 'tiger' is not in the prompt"),
     (["model=tiny-sd3", "method=virtual", "flowedit.n_max=3"],
      "flowedit.n_max=3 is a setting of method=flowedit"),
 ])
@@ -395,3 +395,73 @@ def test_flowedit_masks_come_from_the_joint_maps_of_the_edit_steps(sd3, source_l
                              for k in ("source", "target_0", "mask_0"))
     torch.testing.assert_close(final, torch.maximum(source, target), atol=1 / 255, rtol=0)
     assert 0 < float(final.mean()) < 0.5 and not torch.allclose(source, target, atol=0.05)
+
+
+def test_flux_joint_block_is_the_attention_the_double_stream_block_computes(flux) -> None:
+    """FLUX's image queries' softmax over [text; image] keys after the rotary embedding, recomputed beside
+    `FluxAttnProcessor`, reproduces its image output; the image→text block sums to the text share."""
+    from s2edit.core.flow import latent_image_ids
+    from s2edit.core.joint_attention import flux_image_text_block, flux_joint_probs
+
+    attn = flux.transformer.transformer_blocks[0].attn
+    gen = torch.Generator().manual_seed(0)
+    text, image = 5, 12  # a 3 × 4 token grid
+    hidden = torch.randn(2, image, attn.inner_dim, generator=gen)
+    context = torch.randn(2, text, attn.inner_dim, generator=gen)
+    ids = torch.cat([torch.zeros(text, 3), latent_image_ids(6, 8)])
+    rotary = flux.transformer.pos_embed(ids)
+    with torch.no_grad():
+        expected, _ = attn.processor(attn, hidden, context, image_rotary_emb=rotary)
+        probs = flux_joint_probs(attn, hidden, context, rotary)
+        without_rope = flux_joint_probs(attn, hidden, context)
+        values = torch.cat([attn.add_v_proj(context), attn.to_v(hidden)], dim=1)
+        values = values.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        mixed = (probs @ values).transpose(1, 2).reshape(2, image, -1)
+        torch.testing.assert_close(attn.to_out[0](mixed), expected, atol=1e-5, rtol=1e-5)
+        block = flux_image_text_block(attn, hidden, context, image_rotary_emb=rotary)
+    assert not torch.allclose(probs, without_rope, atol=1e-4)  # the positions enter the softmax
+    text_share = probs[..., :text].sum(-1)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, attn.heads, image))
+    assert block.shape == (2, image, text)
+    torch.testing.assert_close(block.sum(-1), text_share.mean(1), atol=1e-6, rtol=0)
+
+
+def test_flux_word_maps_read_every_double_stream_block_and_change_nothing(flux, flux_latent) -> None:
+    """Reading keeps FLUX's output bit-identical (the rotary embedding still reaches the processor); the
+    store sees the double-stream blocks only, and a word's columns are its T5 positions."""
+    from s2edit.core.joint_attention import JointMapStore, word_map
+
+    prompt = "a photo of a cat on the grass"
+    cond = flux.encode_prompt([prompt])
+    guidance = torch.tensor([3.0])
+    with torch.no_grad():
+        plain = flux.velocity(flux_latent, 0.5, cond, guidance)
+        store = JointMapStore()
+        with store.reading(flux.transformer, flux.read_joint_block):
+            read = flux.velocity(flux_latent, 0.5, cond, guidance)
+    assert torch.equal(read, plain)
+    assert store.calls == len(flux.transformer.transformer_blocks)
+    assert flux.context_columns(prompt, "cat") == [4]  # T5: a photo of a cat (no start token)
+    block = store.average()
+    assert block.shape == (1, 7 * 10, flux.max_sequence_length)  # (14/2) × (20/2) packed tokens
+    torch.testing.assert_close(word_map(block, [4]), block[..., 4])
+
+
+def test_flowedit_on_flux_writes_masks_and_word_maps(tmp_path: Path, capsys) -> None:
+    """The issue's command on tiny-flux: the edit, the §6 masks from the double-stream maps, each word's
+    map per prompt, and the report."""
+    out = tmp_path / "edit"
+    code, err = infer_run(["model=tiny-flux", f"image={IMAGE}", "source=a photo of a cat",
+                           "target=a photo of a tiger", "method=flowedit", "flowedit.steps=6",
+                           "flowedit.n_max=4", "spl.iterations=2", "mask.source_words=[cat]",
+                           "mask.target_words=[tiger]", "mask.source_threshold=0.99",
+                           "mask.target_threshold=0.99", f"out={out}"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "flowedit" and report["model"]["family"] == "flux"
+    assert set(report["files"]["masks"]) == {"source", "target_0", "mask_0"}
+    maps = report["files"]["attention"]
+    assert set(maps) == {"source", "target_0"}
+    assert set(maps["source"]) == {"a", "photo", "of", "cat"} and "tiger" in maps["target_0"]
+    assert all((out / path).is_file() for row in maps.values() for path in row.values())
+    assert (out / "edit_0.png").is_file()

@@ -153,6 +153,16 @@ class FlowFamily(ModelFamily):
     def size_multiple(self) -> int:
         return self.vae_scale_factor * self.patch_size
 
+    @abc.abstractmethod
+    def context_columns(self, prompt: str, word: str) -> list[int]:
+        """`word`'s columns of the text context (the text keys of the joint attention) for `prompt`."""
+
+    @abc.abstractmethod
+    def read_joint_block(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                         **kwargs: Any) -> torch.Tensor:
+        """(B, N_img, L): the image→text block of a joint block's softmax, averaged over heads
+        (:mod:`s2edit.core.joint_attention`; `kwargs`: what the block's processor was called with)."""
+
     def attention_layers(self) -> dict[str, AttentionLayer]:
         """Flow families' joint attention is read by its own processors (word maps, SPEC §11), not by the
         UNet controllers."""

@@ -17,6 +17,7 @@ import torch
 from s2edit.core.family import Conditioning
 from s2edit.core.flow import latent_image_ids, pack_latents, unpack_latents
 from s2edit.core.flow_family import FlowFamily
+from s2edit.core.joint_attention import flux_image_text_block
 from s2edit.core.tokenizer import EOS_TOKEN
 
 PACK = 2  # latent pixels per packed token side
@@ -47,6 +48,15 @@ class Flux(FlowFamily):
     @property
     def patch_size(self) -> int:
         return PACK * int(self.transformer.config.patch_size)
+
+    def context_columns(self, prompt: str, word: str) -> list[int]:
+        """`word`'s columns in the context: its T5 token positions (the context is T5's hidden states)."""
+        return self.word_positions(prompt, word)[1]
+
+    def read_joint_block(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                         **kwargs: Any) -> torch.Tensor:
+        """FLUX's double-stream softmax over [text; image] keys, after the rotary embedding."""
+        return flux_image_text_block(attn, hidden_states, encoder_hidden_states, **kwargs)
 
     @property
     def guidance_embedding(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 
 from s2edit.core.family import Conditioning
 from s2edit.core.flow_family import FlowFamily
+from s2edit.core.joint_attention import image_text_block
 from s2edit.core.tokenizer import EOS_TOKEN
 
 OPENCLIP_PAD = "!"  # SD3's tokenizer_2 (OpenCLIP bigG) pads with "!"
@@ -44,6 +45,11 @@ class StableDiffusion3(FlowFamily):
         CLIPs' states), then its T5 token positions, from the T5 tokenizer's offsets, after them."""
         clip, _, t5 = self.word_positions(prompt, word)
         return [*clip, *(self.tokenizers[0].model_max_length + k for k in t5)]
+
+    def read_joint_block(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                         **kwargs: Any) -> torch.Tensor:
+        """SD3's joint softmax over [image; text] keys."""
+        return image_text_block(attn, hidden_states, encoder_hidden_states, **kwargs)
 
     @property
     def patch_size(self) -> int:

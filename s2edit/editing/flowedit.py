@@ -59,6 +59,11 @@ class GuidedVelocity:
         self.empty = None if self.embedded else model.encode_prompt([""])
         self.source, self.targets = source, targets
 
+    def conditional_rows(self, targets: int) -> list[int]:
+        """The transformer-batch rows conditioned on [source, *targets] prompts at an edit step: every row
+        with the guidance embedding, the second row of each [∅, c] pair with CFG."""
+        return list(range(1 + targets)) if self.embedded else [2 * k + 1 for k in range(1 + targets)]
+
     def __call__(self, z_src: torch.Tensor | None, z_tar: torch.Tensor, sigma: float
                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
         branches = ([(z_src, self.source, self.settings.source_guidance)] if z_src is not None else [])
@@ -84,7 +89,7 @@ def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, target
                      on_step: StepHook | None = None, progress: Callable[[int], None] | None = None,
                      maps: JointMapStore | None = None) -> torch.Tensor:
     """FlowEdit of the source latent `x_src` (1, C, h, w) from `source` into each of `targets`:
-    (len(targets), C, h, w), float32. `maps` (SD3): reads the conditional rows' joint-attention blocks,
+    (len(targets), C, h, w), float32. `maps`: reads the conditional rows' joint-attention blocks,
     [source, *targets], at every edit step (not in the sampling tail)."""
     if model.name not in FAMILY_DEFAULTS:
         raise InputError(f"FlowEdit runs on the flow families ({', '.join(FAMILY_DEFAULTS)}), not "
@@ -98,11 +103,8 @@ def flowedit_latents(model: FlowFamily, x_src: torch.Tensor, source: str, target
     run = velocity
     reading: Any = contextlib.nullcontext()
     if maps is not None:
-        if velocity.embedded:
-            raise InputError(f"joint-attention word maps are read on Stable Diffusion 3 only so far, not "
-                             f"{model.label}")
-        maps.rows = [2 * k + 1 for k in range(1 + len(targets))]  # the conditional row of each branch
-        reading = maps.reading(model.transformer)
+        maps.rows = velocity.conditional_rows(len(targets))
+        reading = maps.reading(model.transformer, model.read_joint_block)
 
         def run(z_src: torch.Tensor | None, z_tar: torch.Tensor, sigma: float
                 ) -> tuple[torch.Tensor | None, torch.Tensor]:

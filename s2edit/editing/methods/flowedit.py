@@ -30,7 +30,7 @@ from s2edit.core.engine import (
 from s2edit.core.family import ModelFamily
 from s2edit.core.joint_attention import JointMapStore
 from s2edit.core.settings import FlowEditSettings
-from s2edit.editing.maps import loss_mask_pair, preservation_masks
+from s2edit.editing.maps import attention_maps, loss_mask_pair, preservation_masks
 from s2edit.editing.methods.base import EditMethod
 
 if TYPE_CHECKING:
@@ -58,6 +58,29 @@ def joint_masks(model: Any, plan: EditPlan, store: JointMapStore, image: torch.T
     targets = [[c for w in plan.masks.target_words for c in model.context_columns(target, w)]
                for target in plan.targets]
     return preservation_masks(maps, source, targets, image, guides, plan.masks)
+
+
+def joint_word_maps(model: Any, plan: EditPlan, store: JointMapStore, image: torch.Tensor
+                    ) -> list[dict[str, torch.Tensor]]:
+    """Per prompt row [source, *targets], each word's joint-attention map at the token grid, divided by its
+    maximum (the words whose tokens the text context holds)."""
+    block = store.average()
+    height, width = _token_grid(model, image)
+    maps = block.reshape(block.shape[0], height, width, block.shape[-1])
+    words, positions = [], []
+    for prompt, row_words in zip(plan.prompts, plan.words):
+        columns = {w: _columns_or_none(model, prompt, w) for w in row_words}
+        words.append([w for w in row_words if columns[w]])
+        positions.append([columns[w] for w in row_words if columns[w]])
+    return attention_maps(maps, words, positions)
+
+
+def _columns_or_none(model: Any, prompt: str, word: str) -> list[int]:
+    """A word's context columns, or [] when the family's tokenizer does not split it out as a word."""
+    try:
+        return model.context_columns(prompt, word)
+    except InputError:
+        return []
 
 
 def _token_grid(model: Any, image: torch.Tensor) -> tuple[int, int]:
@@ -117,12 +140,12 @@ class FlowEditMethod(EditMethod):
             spl_steps = set(spl_flow_steps(executed, plan.spl.opt_schedule)) if plan.spl.active else set()
             records: list[dict[str, Any]] = []
             spl_seconds = 0.0
-            store = JointMapStore() if plan.masks.wanted else None
+            store = JointMapStore()
             masks: dict[str, torch.Tensor] = {}
 
             def make_masks(guides: torch.Tensor) -> None:
                 """SPEC §6 masks from the word maps read so far, the edits `guides` guiding the targets."""
-                if store is not None and not masks:
+                if plan.masks.wanted and not masks:
                     masks.update(joint_masks(model, plan, store, image, guides))
 
             def spl_in_loop(j: int, n: int, z: torch.Tensor) -> torch.Tensor:
@@ -157,6 +180,7 @@ class FlowEditMethod(EditMethod):
             mask_start = time.perf_counter()
             make_masks(raw)
             loss_masks = loss_mask_pair(plan, masks)
+            word_maps = joint_word_maps(model, plan, store, image)
             timings["masks"] = time.perf_counter() - mask_start
             post_start = time.perf_counter()
             final = postprocessed(image, raw, refine_settings, loss_masks,
@@ -169,7 +193,7 @@ class FlowEditMethod(EditMethod):
         return EditResult(
             method=self.name, prompts=plan.prompts, images=final.cpu(), raw_images=raw.cpu(),
             reconstruction=round_trip.cpu(), source=image.cpu(), metrics=metrics, timings=timings,
-            masks={k: v.cpu() for k, v in masks.items()},
+            masks={k: v.cpu() for k, v in masks.items()}, attention_maps=word_maps,
             latents=torch.cat([x_src, latents]).cpu(),
             settings={self.name: dataclasses.asdict(settings), "spl": dataclasses.asdict(plan.spl),
                       "mask": dataclasses.asdict(plan.masks), "family": model.name},
