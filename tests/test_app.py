@@ -44,6 +44,8 @@ from s2edit.app import binding, layout, ui  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 CAT, COFFEE, ASTRONAUT = EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png", EXAMPLES / "astronaut.png"
+EXAMPLE_COLUMNS = ["image", "source", "target", "method", "spl_area", "source_mask_words", "cpl", "p2p_mode",
+                   "reweight"]
 FAST = {"steps": 4, "iterations": 3}  # the edit's steps and SPL iterations: seconds on the CPU
 OUTPUTS = ["edit", "comparison", "mask", "attention", "reconstruction", "psnr", "losses", "timings", "report",
            "seed", "summary"]
@@ -333,8 +335,7 @@ def test_controls_carry_the_settings_defaults_and_the_spl_apps(app, url) -> None
 
 def test_shipped_examples_pass_infer_checks(app, tmp_path) -> None:
     defaults = {name: control.value for name, control in app.edit_controls.items()}
-    columns = ["image", "source", "target", "method", "spl_area", "source_mask_words", "cpl", "p2p_mode",
-               "reweight"]
+    columns = EXAMPLE_COLUMNS
     for row in layout.EDIT_EXAMPLES:
         form = binding.EditForm(**{**defaults, **dict(zip(columns, row)), "image": str(EXAMPLES / row[0])})
         cfg = binding.infer_config(form, model="tiny", ckpt=None, out=tmp_path, seed=0)
@@ -407,3 +408,45 @@ def test_the_app_edits_and_fine_tunes_sdxl_at_its_native_size(tmp_path) -> None:
         assert report["model"]["ckpt"] == str(export) and report["model"]["family"] == "sdxl"
     finally:
         xl_app.blocks.close()
+
+
+# ----------------------------------------------------------------------------------------- flow models
+
+
+def test_the_app_edits_a_flow_model_with_flowedit(tmp_path) -> None:
+    """A flow model in the app (tiny-flux): the method is FlowEdit, its controls carry the family's paper
+    settings, there is no Identity tab, and an edit is infer.py's method=flowedit with those settings."""
+    from s2edit.editing.flowedit import FAMILY_DEFAULTS
+
+    flow_app = ui.EditingApp(ui.AppSettings(model="tiny-flux", workdir=tmp_path / "app"))
+    flow_app.launch(port=free_port(), block=False)
+    try:
+        controls = flow_app.edit_controls
+        paper = FAMILY_DEFAULTS["flux"]
+        assert controls["method"].value == "flowedit" and controls["method"].choices == [
+            ("FlowEdit (inversion-free)", "flowedit")]
+        assert (controls["steps"].value, controls["flow_n_max"].value) == (paper.steps, paper.n_max)
+        assert (controls["flow_source_guidance"].value, controls["flow_target_guidance"].value) == (
+            paper.source_guidance, paper.target_guidance)
+        config = flow_app.blocks.get_config_file()
+        tabs = [c["props"] for c in config["components"] if c.get("type") == "tabitem"]
+        assert [t["visible"] for t in tabs if t["label"] == "Identity (S2Edit)"] == [False]
+        client = Client(flow_app.blocks.local_url, verbose=False)
+        out = edit(client, CAT, "a photo of a cat", "a photo of a tiger", method="flowedit", steps=6,
+                   flow_n_max=4, flow_target_guidance=4.0, iterations=2)
+        report = json.loads(Path(out["report"]).read_text())
+        assert report["method"] == "flowedit" and report["model"]["family"] == "flux"
+        assert report["edit_settings"]["flowedit"] == {"steps": 6, "n_max": 4, "n_min": 0, "n_avg": 1,
+                                                       "source_guidance": 1.5, "target_guidance": 4.0}
+        assert "no inversion" in out["summary"] and "tiger" in {i["caption"].split(": ")[1]
+                                                                 for i in out["attention"]}
+        cfg = parse_config(InferConfig, report["command"][1:])
+        assert cfg.method == "flowedit" and cfg.flowedit.n_max == 4 and cfg.virtual == VirtualSettings()
+        for row in layout.FLOW_EXAMPLES:  # the examples shown on a flow model pass infer.py's checks
+            defaults = {name: control.value for name, control in controls.items()}
+            form = binding.EditForm(**{**defaults, **dict(zip(EXAMPLE_COLUMNS, row)),
+                                       "image": str(EXAMPLES / row[0])})
+            cfg = binding.infer_config(form, model="tiny-flux", ckpt=None, out=tmp_path / "x", seed=0)
+            assert infer.check_inputs(cfg).plan.method == "flowedit"
+    finally:
+        flow_app.blocks.close()

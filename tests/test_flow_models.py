@@ -283,6 +283,8 @@ def test_spl_in_the_loop_changes_only_its_steps(sd3, source_latent) -> None:
     (["model=tiny-sd3", "flowedit.n_max=60", "flowedit.steps=50"],
      "flowedit.n_max=60 exceeds flowedit.steps=50"),
     (["model=tiny-flux", "mask.source_words=[tiger]"], "mask.source_words word 'tiger' is not in the prompt"),
+    (["model=tiny-sd3", "offload=true", "device=cpu"], "offload=true moves each component to an accelerator"),
+    (["model=tiny", "offload=true"], "offload=true is for the flow families (SD3, FLUX), not model 'tiny'"),
     (["model=tiny-sd3", "method=virtual", "flowedit.n_max=3"],
      "flowedit.n_max=3 is a setting of method=flowedit"),
 ])
@@ -465,3 +467,42 @@ def test_flowedit_on_flux_writes_masks_and_word_maps(tmp_path: Path, capsys) -> 
     assert set(maps["source"]) == {"a", "photo", "of", "cat"} and "tiger" in maps["target_0"]
     assert all((out / path).is_file() for row in maps.values() for path in row.values())
     assert (out / "edit_0.png").is_file()
+
+
+def test_offload_hooks_every_component_and_changes_no_value(sd3, source_latent) -> None:
+    """`offload=True`: diffusers' model CPU offload over the family's own modules (one hook per component,
+    chained text encoders → transformer → VAE); the edit is the same as without it. Here the "accelerator"
+    is the CPU itself, so the test sees the hooks and the values, not the transfers."""
+    offloaded = load_model("tiny-sd3", offload=True, device="cpu")
+    assert offloaded.offload_device == torch.device("cpu", 0) == offloaded.device
+    hooked = [m for m in offloaded.components().values() if hasattr(m, "_hf_hook")]
+    assert len(hooked) == len(offloaded.components()) == len(offloaded.pipeline()._all_hooks) == 5
+    settings = FlowEditSettings(steps=6, n_max=4)
+    with torch.no_grad():
+        latent = offloaded.encode_image(load_image(IMAGE, resolution=128))
+    torch.testing.assert_close(latent, source_latent)
+    plain = flowedit_latents(sd3, source_latent, "a photo of a cat", ["a photo of a dog"], settings, seed=3)
+    moved = flowedit_latents(offloaded, latent, "a photo of a cat", ["a photo of a dog"], settings, seed=3)
+    torch.testing.assert_close(moved, plain)
+    with pytest.raises(TypeError, match="is offloaded to cpu:0"):
+        offloaded.to("cpu")
+    with pytest.raises(InputError, match="offload=true is for the flow families"):
+        load_model("tiny", offload=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_bf16_flow_models_match_fp32_to_bf16_precision(name: str) -> None:
+    """precision=bf16: every component in bfloat16, the velocity (returned in fp32) within bf16's rounding
+    of the fp32 model's, and the same FlowEdit schedule."""
+    full, half = load_model(name), load_model(name, dtype=torch.bfloat16)
+    assert {m.dtype for m in half.components().values()} == {torch.bfloat16}
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 16, 8, 8, generator=gen)
+    guidance = torch.tensor([3.0]) if full.guidance_embedding else None
+    with torch.no_grad():
+        exact = full.velocity(z, 0.6, full.encode_prompt(["a photo of a cat"]), guidance)
+        rounded = half.velocity(z, 0.6, half.encode_prompt(["a photo of a cat"]), guidance)
+    assert rounded.dtype == torch.float32
+    error = float((rounded - exact).norm() / exact.norm())
+    assert 0 < error < 0.05, error
+    assert torch.equal(full.sigmas(10, (8, 8)), half.sigmas(10, (8, 8)))

@@ -22,7 +22,7 @@ import gradio as gr
 
 from editkit.config import check_fields, check_value
 from editkit.errors import InputError
-from s2edit.core.settings import MaskSettings, P2PSettings, SPLSettings, VirtualSettings
+from s2edit.core.settings import FlowEditSettings, MaskSettings, P2PSettings, SPLSettings, VirtualSettings
 from s2edit.editing.config import InferConfig
 
 
@@ -51,13 +51,15 @@ def bound_slider(
 ) -> gr.Slider:
     """A slider for `schema.name` over the SPL app's range (which must lie inside the field's)."""
     field = checked_field(schema, name, (minimum, maximum))
-    return gr.Slider(minimum, maximum, value=field_default(schema, name), step=step, label=label,
+    value = kwargs.pop("value", field_default(schema, name))  # a default of its own (a family's)
+    return gr.Slider(minimum, maximum, value=value, step=step, label=label,
                      info=kwargs.pop("info", field.metadata["help"]), **kwargs)
 
 
 def bound_number(schema: type, name: str, label: str, minimum: int, maximum: int, **kwargs: Any) -> gr.Number:
     field = checked_field(schema, name, (minimum, maximum))
-    return gr.Number(field_default(schema, name), label=label, minimum=minimum, maximum=maximum, precision=0,
+    value = kwargs.pop("value", field_default(schema, name))
+    return gr.Number(value, label=label, minimum=minimum, maximum=maximum, precision=0,
                      info=kwargs.pop("info", field.metadata["help"]), **kwargs)
 
 
@@ -83,7 +85,7 @@ class EditForm:
     image: str | None
     source: str
     target: str
-    method: str  # "virtual" or an inversion of the p2p method (INVERSIONS)
+    method: str  # "virtual", "flowedit" (flow models) or an inversion of the p2p method (INVERSIONS)
     attention_schedule: float  # virtual: cross and self replace (the SPL app ties them); p2p: cross
     opt_schedule: float
     spl: bool
@@ -103,6 +105,10 @@ class EditForm:
     color_weight: float
     iterations: float
     postprocess: bool
+    flow_n_max: float  # FlowEdit (flow models): n_max, n_avg, w_src, w_tar; T is `steps`
+    flow_n_avg: float
+    flow_source_guidance: float
+    flow_target_guidance: float
     source_guidance: float
     target_guidance: float
     guidance: float
@@ -114,7 +120,11 @@ class EditForm:
 
     @property
     def inversion_based(self) -> bool:
-        return self.method != "virtual"
+        return self.method not in ("virtual", "flowedit")
+
+    @property
+    def flow(self) -> bool:
+        return self.method == "flowedit"
 
 
 def words(text: str | None) -> list[str]:
@@ -141,7 +151,7 @@ def word_factors(text: str | None) -> dict[str, float]:
 
 def infer_config(form: EditForm, *, model: str, ckpt: str | None, out: Path, seed: int,
                  resolution: int | None = None, device: str = "auto", precision: str = "auto",
-                 lora: str | None = None) -> InferConfig:
+                 lora: str | None = None, offload: bool = False) -> InferConfig:
     """The `infer.py` configuration of an edit of the form (the web app's edits ARE infer.py's).
 
     Only the chosen method's settings leave their defaults; mask words count only when a preservation
@@ -155,7 +165,11 @@ def infer_config(form: EditForm, *, model: str, ckpt: str | None, out: Path, see
         self_replace=float(form.self_attention_schedule), reweight=word_factors(form.reweight),
         blend_words=list(dict.fromkeys(blend_source + blend_target)),
     ) if form.inversion_based else P2PSettings()
-    virtual = VirtualSettings() if form.inversion_based else VirtualSettings(
+    flowedit = FlowEditSettings(
+        steps=int(form.steps), n_max=int(form.flow_n_max), n_avg=int(form.flow_n_avg),
+        source_guidance=float(form.flow_source_guidance), target_guidance=float(form.flow_target_guidance),
+    ) if form.flow else FlowEditSettings()
+    virtual = VirtualSettings() if form.inversion_based or form.flow else VirtualSettings(
         steps=int(form.steps), source_guidance=float(form.source_guidance),
         target_guidance=float(form.target_guidance), cross_replace=float(form.attention_schedule),
         self_replace=float(form.attention_schedule), blend_source=blend_source, blend_target=blend_target,
@@ -172,14 +186,16 @@ def infer_config(form: EditForm, *, model: str, ckpt: str | None, out: Path, see
         out=str(out),
         resolution=None if ckpt is not None else resolution,  # an export edits at its training size
         seed=seed,
-        method="p2p" if form.inversion_based else "virtual",
+        method="p2p" if form.inversion_based else form.method,
         steps=int(form.steps) if form.inversion_based else defaults.steps,
         guidance=float(form.guidance) if form.inversion_based else defaults.guidance,
         inversion=form.method if form.inversion_based else defaults.inversion,
         precision=precision,
         device=device,
+        offload=offload,
         p2p=p2p,
         virtual=virtual,
+        flowedit=flowedit,
         spl=SPLSettings(
             structure=bool(form.spl), color=bool(form.cpl), structure_weight=float(form.structure_weight),
             color_weight=float(form.color_weight), iterations=int(form.iterations),

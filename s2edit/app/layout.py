@@ -17,8 +17,9 @@ from s2edit.app.binding import (
     field_default,
     field_of,
 )
-from s2edit.core.settings import MaskSettings, P2PSettings, SPLSettings, VirtualSettings
+from s2edit.core.settings import FlowEditSettings, MaskSettings, P2PSettings, SPLSettings, VirtualSettings
 from s2edit.editing.config import InferConfig
+from s2edit.editing.flowedit import FAMILY_DEFAULTS
 from s2edit.editing.run import REPORT
 from s2edit.training.config import FinetuneConfig, TrainConfig
 
@@ -48,9 +49,12 @@ def image_input(**kwargs: Any) -> gr.Image:
     return image
 
 
-def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
+def edit_tab(method: str, flow: FlowEditSettings | None = None
+             ) -> tuple[dict[str, Any], list[Any], gr.Button]:
+    """The Edit tab. `flow`: the model is a flow model (SD3, FLUX) and these are its family's FlowEdit
+    defaults: the method is flowedit, with its own controls; else virtual or an inversion + P2P."""
     c: dict[str, Any] = {}
-    p2p = method != "virtual"
+    p2p = method not in ("virtual", "flowedit")
     with gr.Row():
         with gr.Column(scale=5):
             c["image"] = image_input(label="Input image", sources=["upload", "clipboard"], height=320,
@@ -61,13 +65,15 @@ def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
                                      elem_id="target-prompt")
             run = gr.Button("Run", variant="primary", elem_id="run-edit")
             with gr.Group():
-                c["method"] = gr.Dropdown(editing_methods(), value=method, label="Editing method",
-                                          info="virtual: no inversion (SPEC §9); the others invert the "
-                                               "image (cached) and edit with Prompt-to-Prompt")
+                c["method"] = gr.Dropdown(
+                    editing_methods(flow is not None), value=method, label="Editing method",
+                    info="FlowEdit: inversion-free, on flow models (SPEC §11)" if flow is not None else
+                         "virtual: no inversion (SPEC §9); the others invert the image (cached) and edit "
+                         "with Prompt-to-Prompt")
                 c["attention_schedule"] = bound_slider(
                     VirtualSettings, "cross_replace", "Attention control schedule", 0.0, 1.0, 0.05,
                     info="Higher = more consistency with the source image (virtual: cross- and "
-                         "self-attention, as the SPL app; p2p: cross-attention)")
+                         "self-attention, as the SPL app; p2p: cross-attention)", visible=flow is None)
                 c["opt_schedule"] = bound_slider(
                     SPLSettings, "opt_schedule", "Optimization schedule", 0.0, 1.0, 0.05,
                     info="SPL/CPL act after this fraction of the steps; best matched to the attention "
@@ -98,8 +104,12 @@ def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
                     c["seed"] = bound_number(InferConfig, "seed", "Seed", 0, MAX_SEED, elem_id="seed")
                 for schema in (InferConfig, VirtualSettings):  # the SPL app's range fits both fields
                     checked_field(schema, "steps", (1, 50))
-                c["steps"] = gr.Slider(1, 50, value=defaults_steps(p2p), step=1, label="Inference steps",
-                                       info="virtual: virtual.steps (15); p2p: DDIM steps (50)")
+                checked_field(FlowEditSettings, "steps", (1, 50))
+                c["steps"] = gr.Slider(
+                    1, 50, value=flow.steps if flow is not None else defaults_steps(p2p), step=1,
+                    label="Inference steps",
+                    info="FlowEdit: T, the flow schedule's steps" if flow is not None else
+                         "virtual: virtual.steps (15); p2p: DDIM steps (50)")
                 with gr.Row():
                     c["structure_weight"] = bound_slider(SPLSettings, "structure_weight",
                                                          "Structure loss weight", 0, 10000, 1000)
@@ -110,7 +120,20 @@ def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
                                                    0, 1000)
                     c["postprocess"] = bound_checkbox(SPLSettings, "postprocess",
                                                       "Post-processing with loss")
-                with gr.Row(visible=not p2p) as virtual_row:
+                flow = flow or FAMILY_DEFAULTS["sd3"]  # the FlowEdit controls are hidden on UNet models
+                with gr.Group(visible=method == "flowedit"):
+                    c["flow_n_max"] = bound_slider(FlowEditSettings, "n_max", "Edit steps (n_max)", 0, 50,
+                                                   1, value=flow.n_max)
+                    c["flow_n_avg"] = bound_number(FlowEditSettings, "n_avg", "Noise samples per step", 1, 8,
+                                                   value=flow.n_avg)
+                    with gr.Row():
+                        c["flow_source_guidance"] = bound_slider(
+                            FlowEditSettings, "source_guidance", "Source guidance", 0, 20, 0.5,
+                            value=flow.source_guidance)
+                        c["flow_target_guidance"] = bound_slider(
+                            FlowEditSettings, "target_guidance", "Target guidance", 0, 30, 0.5,
+                            value=flow.target_guidance)
+                with gr.Row(visible=method == "virtual") as virtual_row:
                     c["source_guidance"] = bound_slider(VirtualSettings, "source_guidance",
                                                         "Source guidance scale", 1, 10, 0.5)
                     c["target_guidance"] = bound_slider(VirtualSettings, "target_guidance",
@@ -123,7 +146,7 @@ def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
                     c["reweight"] = gr.Textbox("", label="Reweight words",
                                                placeholder="smiling: 2, tiger: 1.5",
                                                info=field_of(P2PSettings, "reweight").metadata["help"])
-                with gr.Row():
+                with gr.Row(visible=method != "flowedit"):
                     c["blend_source"] = gr.Textbox(
                         "", label="Blend words (source)", placeholder="cat",
                         info="LocalBlend: regions of these source words follow the edit (virtual: kept "
@@ -155,7 +178,7 @@ def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
                                        max_height=220, scale=3)
                 report = gr.File(label=f"{REPORT} (as infer.py writes it)", elem_id="report-file",
                                  scale=2)
-    edit_examples(c)
+    edit_examples(c, flow=method == "flowedit")
 
     # SPL app behaviour: the area and mask settings appear when they apply
     c["spl"].change(lambda on: gr.Dropdown(visible=on), c["spl"], c["spl_area"], api_visibility="private")
@@ -168,20 +191,20 @@ def edit_tab(method: str) -> tuple[dict[str, Any], list[Any], gr.Button]:
                             api_visibility="private")
     c["method"].change(
         lambda m: (gr.Slider(value=defaults_steps(m != "virtual")), gr.Row(visible=m == "virtual"),
-                   gr.Group(visible=m != "virtual")),
+                   gr.Group(visible=m not in ("virtual", "flowedit"))),
         c["method"], [c["steps"], virtual_row, p2p_group], api_visibility="private")
     outputs = [result, comparison, mask, attention, reconstruction, psnr, losses, timings, report,
                c["seed"], summary]
     return c, outputs, run
 
-def edit_examples(c: dict[str, Any]) -> None:
+def edit_examples(c: dict[str, Any], flow: bool = False) -> None:
     """The Edit tab's examples on the shipped photos (a checkout's `examples/`; none in a bare wheel)."""
     if not EXAMPLES.is_dir():
         return
     columns = ["image", "source", "target", "method", "spl_area", "source_mask_words", "cpl", "p2p_mode",
                "reweight"]
     gr.Examples(
-        [[str(EXAMPLES / row[0]), *row[1:]] for row in EDIT_EXAMPLES],
+        [[str(EXAMPLES / row[0]), *row[1:]] for row in (FLOW_EXAMPLES if flow else EDIT_EXAMPLES)],
         [c[name] for name in columns],
         label="Examples (shipped photos; see examples/README.md)",
     )
@@ -220,8 +243,11 @@ def identity_tab() -> tuple[dict[str, Any], list[Any], gr.Button, gr.Button]:
     return c, [status, masks, history], fit, forget
 
 
-def editing_methods() -> list[tuple[str, str]]:
-    """The method dropdown's (label, value): virtual inversion, or one of InferConfig's inversions + P2P."""
+def editing_methods(flow: bool = False) -> list[tuple[str, str]]:
+    """The method dropdown's (label, value): FlowEdit on a flow model; else virtual inversion, or one of
+    InferConfig's inversions + P2P."""
+    if flow:
+        return [("FlowEdit (inversion-free)", "flowedit")]
     inversions = field_of(InferConfig, "inversion").metadata["choices"]
     return [("Virtual inversion (fast, training-free)", "virtual")] + [
         (f"{INVERSION_LABELS.get(name, name)} inversion + Prompt-to-Prompt", name) for name in inversions
@@ -246,6 +272,9 @@ EDIT_EXAMPLES: list[list[Any]] = [
     ["chelsea.png", "a photo of a cat", "a photo of a tiger", "direct", "whole", "", False, "replace",
      "tiger: 2"],
 ]
+# On a flow model: the virtual-inversion examples, edited with FlowEdit.
+FLOW_EXAMPLES: list[list[Any]] = [[*row[:3], "flowedit", *row[4:]] for row in EDIT_EXAMPLES
+                                  if row[3] == "virtual"]
 IDENTITY_EXAMPLES: list[list[Any]] = [
     ["astronaut.png", "a photo of a [I] woman", "woman"],
     ["chelsea.png", "a photo of a [I] cat", "cat"],

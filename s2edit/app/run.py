@@ -3,6 +3,7 @@
     python app.py                                  # CompVis/stable-diffusion-v1-4 (local cache or hub)
     python app.py --model tiny                     # random tiny model: every control runs, offline
     python app.py --model /path/to/sdxl --lora lcm-lora-sdxl.safetensors   # SDXL + LCM-LoRA
+    python app.py --model /path/to/FLUX.1-dev --offload   # a flow model: FlowEdit, components offloaded
     python app.py --model /path/to/sd --ckpt outputs/astronaut/export   # edit with a fine-tuned [I]
     python app.py --port 7860 --share              # a fixed port, and a public Gradio link
 
@@ -34,6 +35,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="working size of the base model's edits (default: the model's native size)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1, …")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--offload", action="store_true",
+                        help="flow models (SD3, FLUX) on a GPU: model CPU offload, each component on the GPU "
+                             "only while it runs")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/app"),
                         help="where edits, identities and the inversion cache go (default outputs/app)")
     parser.add_argument("--concurrency", type=int, default=2,
@@ -48,7 +52,7 @@ def main(argv: list[str]) -> None:
 
     settings = AppSettings(
         model=args.model, lora=args.lora, ckpt=args.ckpt, workdir=args.workdir, resolution=args.resolution,
-        device=args.device, precision=args.precision, concurrency=args.concurrency,
+        device=args.device, precision=args.precision, offload=args.offload, concurrency=args.concurrency,
     )
     EditingApp(settings).launch(host=args.host, port=args.port, share=args.share)
 

@@ -45,10 +45,12 @@ from editkit.errors import InputError, ReportedError
 from editkit.files import slug
 from s2edit.app.binding import EditForm, cli_arguments, field_of, infer_config
 from s2edit.app.layout import MAX_SEED, edit_tab, identity_tab
+from s2edit.core.flow_family import FlowFamily
 from s2edit.core.settings import DEFAULT_MODEL
 from s2edit.editing import run as editing
 from s2edit.editing.config import InferConfig
 from s2edit.editing.editor import Editor
+from s2edit.editing.flowedit import FAMILY_DEFAULTS
 from s2edit.training import run as training
 from s2edit.training.config import TrainConfig
 from s2edit.training.export import read_manifest
@@ -71,6 +73,7 @@ class AppSettings:
     resolution: int | None = None  # working size (None: the model's native size, an export's own)
     device: str = "auto"
     precision: str = "auto"
+    offload: bool = False  # flow models: model CPU offload (each component on the GPU only while it runs)
     concurrency: int = 2  # edits run at once (their model runs take turns on the editor's lock)
     keep_edits: int = 100  # output folders of the most recent edits kept in workdir/edits
     keep_identities: int = 2  # fine-tuned editors kept loaded besides the default one
@@ -96,7 +99,8 @@ class Editors:
         if export is not None:
             return Editor.from_export(export, device=s.device, precision=s.precision)
         return Editor.from_model(s.model, device=s.device, precision=s.precision,
-                                 cache_dir=s.workdir / "cache", resolution=s.resolution, lora=s.lora)
+                                 cache_dir=s.workdir / "cache", resolution=s.resolution, lora=s.lora,
+                                 offload=s.offload)
 
     def get(self, export: str | None) -> Editor:
         """The editor of an identity export (loaded once, most recent kept), or the default one."""
@@ -199,6 +203,9 @@ class EditingApp:
         self.settings = settings
         settings.workdir.mkdir(parents=True, exist_ok=True)
         self.editors = Editors(settings)  # load the model now: a bad --model fails at start, in one line
+        model = self.editors.default.model
+        # a flow model (SD3, FLUX) edits with FlowEdit, its family's paper settings as the controls' defaults
+        self.flow_defaults = FAMILY_DEFAULTS.get(model.name) if isinstance(model, FlowFamily) else None
         if settings.ckpt is not None:
             manifest = read_manifest(settings.ckpt)
             self.training_model, self.training_lora = manifest.base_model, manifest.base_lora
@@ -210,7 +217,9 @@ class EditingApp:
 
     def _describe(self, export: str | None) -> str:
         if export is None and self.settings.ckpt is None:
-            return f"Edits use the base model **{self.settings.model}** (training-free)."
+            model = self.editors.default.model
+            how = "FlowEdit, training-free" if self.flow_defaults is not None else "training-free"
+            return f"Edits use the base model **{self.settings.model}** ({model.label}; {how})."
         export = export or self.settings.ckpt
         manifest = read_manifest(export)
         tokens = ", ".join(f"`{t.placeholder}` ({t.prompt!r})" for t in manifest.tokens)
@@ -230,7 +239,7 @@ class EditingApp:
                                out=folder, seed=seed, resolution=self.settings.resolution,
                                lora=self.settings.lora,
                                device=self.settings.device,
-                               precision=self.settings.precision)
+                               precision=self.settings.precision, offload=self.settings.offload)
             arguments = cli_arguments(cfg)
             report = editing.run(cfg, self.editors.get(identity), command=["infer.py", *arguments])
         except ReportedError as err:
@@ -360,6 +369,8 @@ class EditingApp:
 
     def _build(self) -> gr.Blocks:
         method = InferConfig().inversion if self.settings.ckpt is not None else "virtual"  # as method=auto
+        if self.flow_defaults is not None:
+            method = "flowedit"
         cache = (3600, 24 * 3600)  # every hour, delete Gradio's copies of files older than a day
         with gr.Blocks(title="S2Edit + SPL", delete_cache=cache, analytics_enabled=False) as blocks:
             identity = gr.State(None)  # this session's identity export (None: the default model)
@@ -372,9 +383,10 @@ class EditingApp:
             model_line = gr.Markdown(self._describe(None), elem_id="model-line")
             with gr.Tabs():
                 with gr.Tab("Edit", id="edit"):
-                    edit_controls, edit_outputs, run = edit_tab(method)
+                    edit_controls, edit_outputs, run = edit_tab(method, self.flow_defaults)
                     self.edit_controls = edit_controls
-                with gr.Tab("Identity (S2Edit)", id="identity"):
+                # fine-tuning [I] needs a UNet family: flow models have no Identity tab
+                with gr.Tab("Identity (S2Edit)", id="identity", visible=self.flow_defaults is None):
                     train_controls, train_outputs, fit, forget = identity_tab()
 
             run.click(

@@ -85,3 +85,16 @@ def flow_refusal(family: str, model: str, what: str) -> str | None:
         return None
     return (f"model '{model}' is {LABELS[family]}, a flow-matching model: {what} needs a UNet family "
             f"(SD 1.x / 2.x, SDXL); flow models edit with method=flowedit")
+
+
+def offload_refusal(model: str, family: str | None, device: str | None = None) -> str | None:
+    """Why `offload=true` cannot run `model` of `family` on `device` (one line), or None: it is model CPU
+    offload of the flow families' large components, onto an accelerator (the library API takes any
+    device: `device=None` skips that check)."""
+    if family is not None and family not in FLOW_FAMILIES:
+        return (f"offload=true is for the flow families (SD3, FLUX), not model '{model}' "
+                f"({LABELS.get(family, family)})")
+    if device is not None and (device == "cpu" or device.startswith("cpu:")):
+        return ("offload=true moves each component to an accelerator when it runs: it needs a GPU, not "
+                "device=cpu")
+    return None

@@ -51,6 +51,7 @@ class FlowFamily(ModelFamily):
                          pipeline_config=pipeline_config)
         self.transformer = transformer
         self._pipeline: Any = None
+        self.offload_device: torch.device | None = None  # set by enable_offload
 
     # ------------------------------------------------------------------------------------ components
 
@@ -92,10 +93,32 @@ class FlowFamily(ModelFamily):
     def max_sequence_length(self) -> int:
         return int(self.pipeline_config.get("max_sequence_length", self.default_max_sequence_length))
 
+    def enable_offload(self, device: str | torch.device) -> FlowFamily:
+        """Model CPU offload with diffusers' `enable_model_cpu_offload` semantics: every component waits on
+        the CPU and moves whole to `device` when it runs (text encoders → transformer → VAE; VAE encode /
+        decode included), the previous one going back. Peak accelerator memory ≈ the largest component.
+        Returns self."""
+        device = torch.device(device)
+        self.pipeline().enable_model_cpu_offload(device=device)
+        self.offload_device = torch.device(device.type, device.index or 0)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: the offload device when offloading, else the transformer's."""
+        return self.offload_device if self.offload_device is not None else self.transformer.device
+
     @property
     def execution_device(self) -> torch.device:
-        """Where inputs go: the transformer's device, or the accelerator when offloading."""
-        return self.pipeline()._execution_device if self._pipeline is not None else self.device
+        """Where inputs go (:attr:`device`)."""
+        return self.device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FlowFamily:
+        if device is not None and self.offload_device is not None:
+            raise TypeError(f"{self.label} is offloaded to {self.offload_device}: its components move there "
+                            "by themselves")
+        super().to(device=device, dtype=dtype)
+        return self
 
     # ------------------------------------------------------------------------------------ schedule
 

@@ -30,7 +30,15 @@ from huggingface_hub import constants as hub_constants
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from editkit.errors import InputError
-from s2edit.core.detect import HUB_ID, MODEL_INDEX, PRESET_DIR, PRESET_FILE, family_name, looks_like_path
+from s2edit.core.detect import (
+    HUB_ID,
+    MODEL_INDEX,
+    PRESET_DIR,
+    PRESET_FILE,
+    family_name,
+    looks_like_path,
+    offload_refusal,
+)
 from s2edit.core.family import ModelFamily
 from s2edit.core.flow_family import FlowFamily, refuse_flow_family
 from s2edit.core.flux import Flux
@@ -196,13 +204,20 @@ def load_model(
     seed: int = 0,
     local_files_only: bool | None = None,
     lora: str | Path | None = None,
+    offload: bool = False,
 ) -> ModelFamily:
     """Load a model from a hub id, a local diffusers folder or a random preset (weights from `seed`).
 
     `local_files_only=None` means: only the local HF cache when `HF_HUB_OFFLINE` is set, else the cache
     first and then the hub if it answers. `lora`: a LoRA file (diffusers / peft / kohya keys, safetensors)
-    fused into the UNet, e.g. LCM-LoRA. Every component comes back in eval mode on `device` in `dtype`.
+    fused into the UNet, e.g. LCM-LoRA. Every component comes back in eval mode on `device` in `dtype`;
+    with `offload` (flow families) in `dtype` on the CPU, each moving to `device` when it runs
+    (:meth:`~s2edit.core.flow_family.FlowFamily.enable_offload`).
     """
+    if offload:
+        refusal = offload_refusal(model, family_name(model))
+        if refusal is not None:  # before minutes of loading
+            raise InputError(refusal)
     if lora is not None:
         lora = Path(lora).expanduser()
         check_lora_file(lora)  # before minutes of model loading
@@ -224,7 +239,12 @@ def load_model(
     if lora is not None:
         refuse_flow_family(loaded, "lora=")
         fuse_unet_lora(loaded, lora)
-    return loaded.eval().to(device=device, dtype=dtype)
+    if not offload:
+        return loaded.eval().to(device=device, dtype=dtype)
+    refusal = offload_refusal(model, loaded.name)
+    if refusal is not None or not isinstance(loaded, FlowFamily):
+        raise InputError(refusal or f"offload=true: model '{model}' is not a flow model")
+    return loaded.eval().to(device="cpu", dtype=dtype).enable_offload(device)
 
 
 def check_diffusers_folder(folder: Path, family: type[ModelFamily] | None = None) -> None:

@@ -37,6 +37,8 @@ class InferConfig(EditRequest):
     precision: str = setting("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16",
                              choices=("auto", "fp32", "bf16"))
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1, …")
+    offload: bool = setting(False, "flow models (SD3, FLUX): model CPU offload, each component moved to the "
+                                   "GPU only while it runs (diffusers' enable_model_cpu_offload)")
 
     @property
     def default_method(self) -> str:

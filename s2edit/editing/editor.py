@@ -105,12 +105,12 @@ class Editor:
     @classmethod
     def from_model(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
                    seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True,
-                   resolution: int | None = None, lora: str | None = None) -> Editor:
+                   resolution: int | None = None, lora: str | None = None, offload: bool = False) -> Editor:
         """Training-free editing with a base model (hub id, diffusers folder, or a random preset), with a
-        `lora` file fused into its UNet (e.g. LCM-LoRA)."""
+        `lora` file fused into its UNet (e.g. LCM-LoRA); `offload`: model CPU offload (flow families)."""
         torch_device = resolve_device(device)
         dtype = resolve_dtype(precision, torch_device)
-        loaded = load_model(model, device=torch_device, dtype=dtype, seed=seed, lora=lora)
+        loaded = load_model(model, device=torch_device, dtype=dtype, seed=seed, lora=lora, offload=offload)
         return cls(loaded, cache_dir=cache_dir, progress=progress, resolution=resolution)
 
     # ------------------------------------------------------------------------------------ inputs

@@ -108,7 +108,20 @@ def check_inputs(cfg: InferConfig, given: Iterable[str] | None = None) -> Inputs
         refusal = method_refusal(method, family, cfg.model) if family is not None else None
         if refusal is not None:  # before minutes of loading
             raise InputError(refusal)
+    if cfg.offload:
+        check_offload(cfg.ckpt or cfg.model, cfg.device, checkpoint=cfg.ckpt is not None)
     return Inputs(Path(image), source, out, manifest, edit_plan(cfg, source, manifest, method))
+
+
+def check_offload(model: str, device: str, checkpoint: bool = False) -> None:
+    """Refuse `offload=true` where it cannot work (a UNet model or checkpoint, or no GPU) in one line."""
+    from s2edit.core.detect import family_name, offload_refusal
+    from s2edit.core.runtime import resolve_device
+
+    family = "sd1" if checkpoint else family_name(model)  # exports are UNet models
+    refusal = offload_refusal(model, family, str(resolve_device(device)))
+    if refusal is not None:
+        raise InputError(refusal)
 
 
 def check_output(cfg: InferConfig, image: str | Path) -> Path:
@@ -209,7 +222,8 @@ def load_editor(cfg: InferConfig, inputs: Inputs) -> Any:
         return Editor.from_export(cfg.ckpt, device=cfg.device, precision=cfg.precision, lora=cfg.lora)
     # a random preset's weights are always drawn from seed 0: `seed` is the edit's noise, not the model
     return Editor.from_model(
-        cfg.model, device=cfg.device, precision=cfg.precision, cache_dir=inputs.out / "cache", lora=cfg.lora
+        cfg.model, device=cfg.device, precision=cfg.precision, cache_dir=inputs.out / "cache", lora=cfg.lora,
+        offload=cfg.offload,
     )
 
 
@@ -284,6 +298,7 @@ def edit_and_write(
             "weights": editor.weights,
             "placeholders": [p.text for p in editor.placeholders],
             "device": str(editor.model.device),
+            "offload": getattr(editor.model, "offload_device", None) is not None,
             "dtype": str(editor.model.dtype).removeprefix("torch."),
         },
         "image": {

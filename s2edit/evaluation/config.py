@@ -77,6 +77,8 @@ class EvaluateConfig(EditRequest):
     finetune: bool = setting(False, "fine-tune [I] on each item's image (S2Edit) before editing it")
     precision: str = setting("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16",
                              choices=("auto", "fp32", "bf16"))
+    offload: bool = setting(False, "flow models (SD3, FLUX): model CPU offload, each component moved to the "
+                                   "GPU only while it runs (diffusers' enable_model_cpu_offload)")
     accelerator: str = setting("auto", "Lightning accelerator: auto, cpu, gpu (= cuda)",
                                choices=("auto", "cpu", "gpu", "cuda"))
     devices: int = setting(1, "processes (GPUs) per node; items are shared out without repeats", ge=1)

@@ -70,6 +70,15 @@ def check_inputs(cfg: EvaluateConfig, given: Iterable[str] | None = None) -> tup
         from s2edit.core.lora import check_lora_file
 
         check_lora_file(Path(cfg.lora).expanduser())
+    if cfg.offload:
+        import torch
+
+        from s2edit.core.detect import family_name, offload_refusal
+
+        gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+        refusal = offload_refusal(cfg.model, family_name(cfg.model), "cuda" if gpu else "cpu")
+        if refusal is not None:
+            raise InputError(refusal)
     items = read_dataset(cfg.data, edit_types=cfg.edit_types or None)
     items = items[: cfg.limit] if cfg.limit is not None else items
     if not items:

@@ -86,6 +86,7 @@ class EvaluationModule(L.LightningModule):
         self.model_name = config.model
         self.lora = config.lora
         self.precision_name = config.precision
+        self.offload = config.offload
         self.resolution = config.resolution
         self.base_seed = config.seed
         self.item_blend = config.item_blend
@@ -118,7 +119,7 @@ class EvaluationModule(L.LightningModule):
             self.editor = Editor.from_model(
                 self.model_name, device=str(self.root_device), precision=self.precision_name,
                 seed=self.base_seed, cache_dir=self.cache_dir, progress=False, resolution=self.resolution,
-                lora=self.lora,
+                lora=self.lora, offload=self.offload,
             )
 
     @property
