@@ -1,6 +1,6 @@
 """One-call GPU benchmark: every GPU row of BENCHMARKS.md in one command (< 8 minutes on one H100/H200).
 
-    python benchmarks/gpu_suite.py [--out benchmarks/gpu_results.md] [--device cuda] [--skip sdxl …]
+    python benchmarks/gpu_suite.py [--out benchmarks/gpu_results.md] [--device cuda] [--skip sdxl flow …]
     python benchmarks/gpu_suite.py --smoke --out /tmp/smoke.md      # tiny models, 2 steps, CPU (CI test)
 
 On the full-size random SD v1 (`sd-v1-random`, UNet output damped ×0.1 as in the tests so DDIM
@@ -16,7 +16,13 @@ trajectories stay well conditioned; timing is unaffected) at 512², bf16 on the 
 
 then the same on the full-size random SDXL (`sdxl-random`) at 1024² (SPEC §10): LoRA fine-tuning (the
 SDXL default) with and without gradient checkpointing, null-text and Direct inversion, one P2P edit with
-SPL, and the virtual edit.
+SPL, and the virtual edit;
+
+then FlowEdit (SPEC §11) on the full-size random SD3-medium (`sd3-random`, 2.0 B transformer + T5-XXL) and
+FLUX.1-dev (`flux-random`, 11.9 B + T5-XXL) architectures at 1024², bf16: one edit at the paper's settings
+(SD3: T 50, n_max 33, CFG; FLUX: T 28, n_max 24, guidance embedding), with SPL in the loop and
+post-processing, once on the GPU and once with model CPU offload (`offload=true`). The weights are drawn on
+the GPU (seconds, not minutes, for 12 B parameters); no steps are cut.
 
 It writes a Markdown table (with the machine, versions and the paper's A100 figures) to `--out` and
 prints it. `--smoke` runs the same code on the tiny models (tiny, tiny-xl), 2 steps, 128², on the CPU.
@@ -44,7 +50,7 @@ from editkit.files import atomic_path  # noqa: E402
 IMAGE = ROOT / "examples" / "chelsea.png"
 TRAIN_IMAGE = ROOT / "examples" / "astronaut.png"
 SOURCE, TARGET = "a photo of a cat", "a photo of a tiger"
-SD1, SDXL = "sd-v1-random", "sdxl-random"
+SD1, SDXL, SD3, FLUX = "sd-v1-random", "sdxl-random", "sd3-random", "flux-random"
 PAPER_A100 = {  # S2Edit §4 / SPEC §8, SD v1-4 at 512² on an A100
     "fine-tune full": "~95 s (200 steps)",
     "null_text inversion": "~113 s",
@@ -201,6 +207,44 @@ def spl_iterations(args: argparse.Namespace, rows: list[list[str]]) -> None:
         print(rows[-1], flush=True)
 
 
+def flow_editing(args: argparse.Namespace, rows: list[list[str]], model: str, resolution: int) -> None:
+    """One FlowEdit edit with SPL on a flow model, on the GPU and then with model CPU offload."""
+    from editkit.images import load_image
+    from s2edit.core.loading import random_model
+    from s2edit.core.runtime import resolve_dtype
+    from s2edit.core.settings import FlowEditSettings, SPLSettings
+    from s2edit.editing.editor import Editor
+    from s2edit.editing.flowedit import resolved
+    from s2edit.editing.request import EditRequest
+
+    reset_peak(args.device)
+    device = torch.device(args.device)
+    seconds, flow = timed(lambda: random_model(model, seed=0, device=device).eval()
+                          .to(dtype=resolve_dtype("auto", device)), args.device)
+    at = f"{model} {resolution}²"
+    dtype = str(flow.dtype).removeprefix("torch.")
+    rows.append([f"{at}: random init on the device + cast ({dtype})", f"{seconds:.1f} s",
+                 peak_gib(args.device), ""])
+    print(rows[-1], flush=True)
+    editor = Editor(flow, weights=model, progress=False)
+    image = load_image(IMAGE, resolution, multiple=flow.size_multiple)
+    settings = FlowEditSettings(steps=4, n_max=3) if args.smoke else FlowEditSettings()
+    spl = SPLSettings(iterations=3) if args.smoke else SPLSettings()
+    request = EditRequest(method="flowedit", flowedit=settings, spl=spl)
+    paper = resolved(settings, flow.name)
+    for offload in (False, True):
+        if offload:
+            flow.enable_offload(device)
+        reset_peak(args.device)
+        seconds, result = timed(lambda: editor.run(image, SOURCE, [TARGET], request, method="flowedit"),
+                                args.device)
+        how = " + model CPU offload" if offload else ""
+        label = (f"{at}: FlowEdit T {paper.steps}, n_max {paper.n_max}, SPL in "
+                 f"{len(result.metrics['spl_in_loop'])} steps + post-processing{how} ({dtype})")
+        rows.append([label, f"{seconds:.1f} s", peak_gib(args.device), ""])
+        print(rows[-1], flush=True)
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -214,7 +258,8 @@ def table(args: argparse.Namespace, rows: list[list[str]], seconds: float) -> st
         "",
         f"{datetime.date.today().isoformat()}, {device}, torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, lightning {lightning.__version__}; {args.model} at {args.resolution}², "
-        f"{args.sdxl_model} at {args.sdxl_resolution}²; whole suite {seconds:.0f} s.",
+        f"{args.sdxl_model} at {args.sdxl_resolution}², {args.sd3_model} and {args.flux_model} at "
+        f"{args.flow_resolution}²; whole suite {seconds:.0f} s.",
         "",
         "| measurement | result | peak GPU memory (GiB) | paper (A100, SD v1-4, 512²) / target |",
         "|---|---|---|---|",
@@ -232,11 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=SD1)
     parser.add_argument("--sdxl-model", default=SDXL)
     parser.add_argument("--sdxl-resolution", type=int, default=1024)
+    parser.add_argument("--sd3-model", default=SD3)
+    parser.add_argument("--flux-model", default=FLUX)
+    parser.add_argument("--flow-resolution", type=int, default=1024)
     parser.add_argument("--smoke", action="store_true", help="tiny models, 2 steps, 128², for CI on a CPU")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "edit", "spl", "sdxl"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "edit", "spl", "sdxl", "flow"])
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.resolution, args.sdxl_model, args.sdxl_resolution = "tiny", 128, "tiny-xl", 128
+        args.sd3_model, args.flux_model, args.flow_resolution = "tiny-sd3", "tiny-flux", 128
     start = time.perf_counter()
     rows: list[list[str]] = []
     sections = {
@@ -246,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         "sdxl": lambda: (fine_tuning(args, rows, args.sdxl_model, args.sdxl_resolution, methods=("lora",)),
                          editing(args, rows, args.sdxl_model, args.sdxl_resolution,
                                  inversions_of=("null_text", "direct"))),
+        "flow": lambda: (flow_editing(args, rows, args.sd3_model, args.flow_resolution),
+                         flow_editing(args, rows, args.flux_model, args.flow_resolution)),
     }
     for name, section in sections.items():
         if name not in args.skip:

@@ -30,6 +30,9 @@ def test_gpu_suite_smoke_writes_every_row(tmp_path) -> None:
         xl + "fine-tune lora (", xl + "fine-tune lora + grad. checkpointing", xl + "null_text inversion",
         xl + "direct inversion", xl + "P2P edit", xl + "virtual edit (SPEC §9), 2 steps, SPL",
         xl + "virtual edit (SPEC §9), 2 steps, no SPL",
+        *(f"{flow} 128²: {row}" for flow in ("tiny-sd3", "tiny-flux") for row in (
+            "random init on the device", "FlowEdit T 4, n_max 3, SPL in 1 steps + post-processing (float32)",
+            "FlowEdit T 4, n_max 3, SPL in 1 steps + post-processing + model CPU offload")),
     ]
     assert len(labels) == len(expected) and all(a.startswith(b) for a, b in zip(labels, expected)), labels
     for row in rows:  # every measurement is a positive number

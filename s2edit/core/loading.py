@@ -165,14 +165,16 @@ def preset_components(name: str, device: str | torch.device | None = None) -> di
     return parts
 
 
-def random_model(name: str = "tiny", seed: int = 0) -> ModelFamily:
+def random_model(name: str = "tiny", seed: int = 0, device: str | torch.device | None = None) -> ModelFamily:
     """A randomly initialised model of the preset `name` (reproducible from `seed`; the global RNG is
-    left untouched)."""
+    left untouched). `device`: initialise there (the benchmarks' full-size flow models: 12 B parameters
+    drawn on a GPU in seconds); the weights then come from that device's generator, not the CPU's."""
     info, configs = _preset_configs(name)
     family = FAMILIES[info["family"]]
-    with torch.random.fork_rng(devices=[]):
+    devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        parts = preset_components(name)
+        parts = preset_components(name, device)
     encoders = [parts[folder] for folder, _ in encoder_folders(family)]
     if issubclass(family, FlowFamily):
         tokenizers = [clip_tokenizer(pad_token=pad) for pad in family.tokenizer_pads]
