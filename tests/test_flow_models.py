@@ -362,7 +362,8 @@ def test_the_light_family_tables_agree_with_the_family_classes(tmp_path: Path) -
     assert sorted(name for name, family in FAMILIES.items() if issubclass(family, FlowFamily)) == \
         sorted(detect.FLOW_FAMILIES)
     families = {name: detect.family_name(name) for name in preset_names()}
-    assert families == {"sd-v1-random": "sd1", "sdxl-random": "sdxl", "tiny": "sd1", "tiny-flux": "flux",
+    assert families == {"sd-v1-random": "sd1", "sdxl-random": "sdxl", "sd3-random": "sd3",
+                        "flux-random": "flux", "tiny": "sd1", "tiny-flux": "flux",
                         "tiny-lcm": "sd1", "tiny-sd3": "sd3", "tiny-v": "sd2", "tiny-xl": "sdxl",
                         "tiny-xl-lcm": "sdxl"}
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
@@ -506,3 +507,19 @@ def test_bf16_flow_models_match_fp32_to_bf16_precision(name: str) -> None:
     error = float((rounded - exact).norm() / exact.norm())
     assert 0 < error < 0.05, error
     assert torch.equal(full.sigmas(10, (8, 8)), half.sigmas(10, (8, 8)))
+
+
+def test_the_full_size_flow_presets_have_the_published_parameter_counts() -> None:
+    """sd3-random / flux-random are SD3-medium's and FLUX.1-dev's architectures (built on the meta device:
+    shapes only). T5-XXL's token table has the offline stand-in tokenizer's 34 486 rows instead of 32 128."""
+    from s2edit.core.loading import preset_components
+
+    t5_xxl = 4_762_310_656 + (len(t5_tokenizer()) - 32_128) * 4096
+    counts = {name: {part: sum(p.numel() for p in module.parameters())
+                     for part, module in preset_components(name, device="meta").items()}
+              for name in ("sd3-random", "flux-random")}
+    assert counts["sd3-random"] == {"transformer": 2_028_328_000, "vae": 83_819_683,
+                                    "text_encoder": 123_650_304, "text_encoder_2": 694_659_840,
+                                    "text_encoder_3": t5_xxl}
+    assert counts["flux-random"] == {"transformer": 11_901_408_320, "vae": 83_819_683,
+                                     "text_encoder": 123_060_480, "text_encoder_2": t5_xxl}
