@@ -221,6 +221,11 @@ def test_a_saved_flux_folder_loads_as_flux(flux, tmp_path: Path) -> None:
     assert loaded.name == "flux" and loaded.guidance_embedding
     state = loaded.transformer.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in flux.transformer.state_dict().items())
+    for name in ("model.safetensors", "config.json"):  # a FLUX folder without its T5
+        (tmp_path / "flux" / "text_encoder_2" / name).unlink()
+    with pytest.raises(InputError, match=r"^model folder '.*flux' is not a diffusers FLUX\.1 folder: "
+                                         r"missing text_encoder_2/config\.json, text_encoder_2/model\."):
+        load_model(str(tmp_path / "flux"))
 
 
 # --------------------------------------------------------------------------------- method=flowedit
@@ -283,6 +288,8 @@ def test_spl_in_the_loop_changes_only_its_steps(sd3, source_latent) -> None:
     (["model=tiny-sd3", "flowedit.n_max=60", "flowedit.steps=50"],
      "flowedit.n_max=60 exceeds flowedit.steps=50"),
     (["model=tiny-flux", "mask.source_words=[tiger]"], "mask.source_words word 'tiger' is not in the prompt"),
+    (["model=tiny-flux", "target=" + " ".join(["a photo of a tiger"] * 10)],
+     "is 51 T5 tokens long (with the end token), more than the 32 of model 'tiny-flux'"),
     (["model=tiny-sd3", "offload=true", "device=cpu"], "offload=true moves each component to an accelerator"),
     (["model=tiny", "offload=true"], "offload=true is for the flow families (SD3, FLUX), not model 'tiny'"),
     (["model=tiny-sd3", "method=virtual", "flowedit.n_max=3"],

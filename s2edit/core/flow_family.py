@@ -21,6 +21,7 @@ from s2edit.core.attention import AttentionLayer
 from s2edit.core.detect import flow_refusal
 from s2edit.core.family import Conditioning, ModelFamily, TextEncoding
 from s2edit.core.flow import flow_sigmas
+from s2edit.core.tokenizer import prompt_preview
 
 
 def refuse_flow_family(model: ModelFamily | type[ModelFamily], what: str, source: str | None = None) -> None:
@@ -157,10 +158,21 @@ class FlowFamily(ModelFamily):
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         """The pipeline's `encode_prompt` of the prompts (no gradients: flow families train nothing)."""
         for prompt in prompts:
-            self.token_ids(prompt)  # an over-long prompt is refused in one line, not truncated
+            self.check_prompt(prompt)
         with torch.no_grad():
             context, pooled = self._encode(list(prompts))
         return TextEncoding(Conditioning(context, pooled), ())
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse, in one line, a prompt longer than a text encoder takes: CLIP's 77 tokens, or T5's
+        `max_sequence_length` (the diffusers pipelines would silently cut it, and the word maps with it)."""
+        self.token_ids(prompt)
+        t5 = self.tokenizers[-1]
+        count = len(t5(prompt, truncation=False, verbose=False).input_ids)  # with T5's end token
+        if count > self.max_sequence_length:
+            raise InputError(f"prompt '{prompt_preview(prompt)}' is {count} T5 tokens long (with the end "
+                             f"token), more than the {self.max_sequence_length} of model '{self.source}' "
+                             "(max_sequence_length): shorten it")
 
     @abc.abstractmethod
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,7 +132,7 @@ def clip_tokenizer(cache_dir: str | Path | None = None, pad_token: str = EOS_TOK
     )
 
 
-def _preview(text: str) -> str:
+def prompt_preview(text: str) -> str:
     return text if len(text) <= PROMPT_PREVIEW_CHARS else text[: PROMPT_PREVIEW_CHARS - 3] + "..."
 
 
@@ -142,8 +142,8 @@ def token_ids(tokenizer: CLIPTokenizer, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids
     if len(ids) > tokenizer.model_max_length:
         raise InputError(
-            f"prompt '{_preview(text)}' is {len(ids)} tokens long (with start/end tokens), more than the "
-            f"{tokenizer.model_max_length} the text encoder takes: shorten it"
+            f"prompt '{prompt_preview(text)}' is {len(ids)} tokens long (with start/end tokens), more than "
+            f"the {tokenizer.model_max_length} the text encoder takes: shorten it"
         )
     return ids
 
@@ -220,7 +220,8 @@ def word_token_indices(tokenizer: CLIPTokenizer, prompt: str, word: str) -> list
         if end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
     ]
     if not positions:
-        raise InputError(f"word '{word}' is not in the prompt '{_preview(prompt)}': use a word of the prompt")
+        raise InputError(f"word '{word}' is not in the prompt '{prompt_preview(prompt)}': use a word of the "
+                         "prompt")
     return positions
 
 

@@ -128,6 +128,8 @@ class FlowEditMethod(EditMethod):
             raise InputError("method=flowedit takes no step callback (its steps are not DDIM steps)")
         model = editor.model
         settings = resolved(plan.settings, model.name)
+        for prompt in plan.prompts:
+            model.check_prompt(prompt)  # before any step: T5's limit is the model's
         with editor.lock:
             timings: dict[str, float] = {}
             start = time.perf_counter()
