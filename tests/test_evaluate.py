@@ -487,3 +487,24 @@ def test_the_marker_is_written_last_and_failures_are_retried(tmp_path: Path) -> 
     assert sorted(p.name for p in folder.iterdir()) == [ITEM_ERROR]
     reports, missing, failed = collect_items([item], tmp_path / "items")
     assert reports == [] and missing == ["x"] and failed == {"x": "RuntimeError: out of memory"}
+
+
+def test_a_flow_model_is_evaluated_with_flowedit(tmp_path: Path) -> None:
+    """evaluate.py on tiny-flux: method=auto is flowedit, every item's report records its settings (the
+    family's paper values where none are given), and the summary's method row is flowedit."""
+    out = tmp_path / "flow"
+    code, stderr = evaluate_in_process([f"data={DATASET}", "model=tiny-flux", "resolution=128",
+                                        "spl.iterations=2", "progress=false", "flowedit.steps=4",
+                                        "flowedit.n_max=3", "edit_types=[1,8]", "save_attention=true",
+                                        f"out={out}"])
+    assert code == 0, stderr
+    reports = {p.parent.name: json.loads(p.read_text()) for p in (out / "items").glob("*/metrics.json")}
+    assert set(reports) == {"chelsea-tiger", "chelsea-snow"}
+    for report in reports.values():
+        assert report["method"] == "flowedit" and report["inversion"] is None and report["family"] == "flux"
+        assert report["edit_settings"]["flowedit"] == {"steps": 4, "n_max": 3, "n_min": 0, "n_avg": 1,
+                                                  "source_guidance": 1.5, "target_guidance": 5.5}
+    assert len(reports["chelsea-snow"]["targets"]) == 2  # two targets in one batch
+    assert "attention/target_1/beach.png" in reports["chelsea-snow"]["files"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "flowedit"

@@ -203,6 +203,8 @@ class EvaluationModule(L.LightningModule):
             "source_prompt": item.source_prompt,
             "edited_source_prompt": source,
             "method": self.method,
+            "family": editor.model.name,
+            "edit_settings": result.settings,
             "seed": seed,
             "working_size": [int(size[1]), int(size[0])],
             "edit_mask": edit_mask is not None,
