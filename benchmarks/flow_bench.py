@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_suite import timed
 from editkit.images import load_image
 from s2edit.core.family import Conditioning
 from s2edit.core.flow import EDIT, flowedit_phases, step_noise
@@ -73,16 +73,6 @@ def reference_flowedit(model: FlowFamily, x_src: torch.Tensor, source: str, targ
             v_delta += (v_tar - v_src) / s.n_avg
         z_edit = z_edit + (sigma_next - sigma) * v_delta
     return z_edit
-
-
-def timed(fn, device: str) -> tuple[float, object]:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    value = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, value
 
 
 def bench_preset(preset: str, args: argparse.Namespace) -> dict:
