@@ -32,7 +32,7 @@ class UNetSettings:
     norm_num_groups: int = _opt(16, "group-norm groups (must divide every channel count)", ge=1)
     heads: int = _opt(4, "attention heads", ge=1)
     layers_per_block: int = _opt(1, "ResNet (+ transformer) layers per down block", ge=1)
-    steps: int = _opt(3000, "optimisation steps of UNet + text encoder", ge=1, le=10**7)
+    steps: int = _opt(4500, "optimisation steps of UNet + text encoder", ge=1, le=10**7)
     batch: int = _opt(24, "latents per step", ge=1)
     lr: float = _opt(5e-4, "AdamW peak learning rate (warm-up, then cosine to 10 %)", gt=0)
     warmup: int = _opt(100, "linear warm-up steps", ge=0)
