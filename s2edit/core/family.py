@@ -368,8 +368,11 @@ class ModelFamily(abc.ABC):
     @property
     def mask_level(self) -> int:
         """The level (latent side / map side) of the layers whose maps masks, LocalBlend and the saved
-        word maps use: side = image/32 (the "16×16" layers of SD at 512², 32² of SDXL at 1024²)."""
-        return IMAGE_PER_MASK_SIDE // self.vae_scale_factor
+        word maps use: side = image/32 (the "16×16" layers of SD at 512², 32² of SDXL at 1024²), or
+        image/`image_per_mask_side` where the model's pipeline config says so (the 64² shapes model: its
+        16² layers)."""
+        per_side = int(self.pipeline_config.get("image_per_mask_side", IMAGE_PER_MASK_SIDE))
+        return max(1, per_side // self.vae_scale_factor)
 
     @property
     def self_replace_level(self) -> int:

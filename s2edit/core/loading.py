@@ -165,16 +165,61 @@ def preset_components(name: str, device: str | torch.device | None = None) -> di
     return parts
 
 
+def token_table(seed: int, vocab_size: int, hidden_size: int, std: float) -> torch.Tensor:
+    """A frozen random token-embedding table (vocab, hidden), N(0, std²) from a CPU generator seeded `seed`:
+    the same numbers on every machine, so a trained preset need not ship it (the shapes model's 49 408
+    rows are 3× its other weights)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(vocab_size, hidden_size, generator=generator) * std
+
+
+def token_table_name(text_encoder: torch.nn.Module) -> str:
+    """The state-dict key of a text encoder's token table (it differs across transformers versions)."""
+    table = text_encoder.get_input_embeddings().weight
+    return next(name for name, p in text_encoder.named_parameters() if p is table)
+
+
+def load_preset_weights(name: str, parts: Mapping[str, torch.nn.Module], info: Mapping[str, Any]) -> None:
+    """Load a trained preset's weights (`preset.json` "weights": one safetensors file, keys
+    `<component>.<parameter>`) into its freshly built `parts`; a text encoder's token table left out of
+    the file is regenerated from "token_table" ({"seed", "std"}, :func:`token_table`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = PRESET_DIR / name / info["weights"]
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"the weights of preset '{name}' ({path}) cannot be read: {error}; reinstall the "
+                         "package") from None
+    table = info.get("token_table")
+    for prefix, module in parts.items():
+        state = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+        if table is not None and prefix == "text_encoder":
+            config = module.config
+            state[token_table_name(module)] = token_table(int(table["seed"]), config.vocab_size,
+                                                          config.hidden_size, float(table["std"]))
+        dtype = next(module.parameters()).dtype
+        try:
+            module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+        except RuntimeError as error:
+            raise InputError(f"the weights of preset '{name}' do not fit its {prefix} config "
+                             f"({str(error).splitlines()[0]})") from None
+
+
 def random_model(name: str = "tiny", seed: int = 0, device: str | torch.device | None = None) -> ModelFamily:
-    """A randomly initialised model of the preset `name` (reproducible from `seed`; the global RNG is
-    left untouched). `device`: initialise there (the benchmarks' full-size flow models: 12 B parameters
-    drawn on a GPU in seconds); the weights then come from that device's generator, not the CPU's."""
+    """The model of the preset `name`: randomly initialised (reproducible from `seed`; the global RNG is
+    left untouched), or a trained preset's shipped weights (`model=shapes`). `device`: initialise there
+    (the benchmarks' full-size flow models: 12 B parameters drawn on a GPU in seconds); the weights then
+    come from that device's generator, not the CPU's."""
     info, configs = _preset_configs(name)
     family = FAMILIES[info["family"]]
     devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         parts = preset_components(name, device)
+    if "weights" in info:
+        load_preset_weights(name, parts, info)
     encoders = [parts[folder] for folder, _ in encoder_folders(family)]
     if issubclass(family, FlowFamily):
         tokenizers = [clip_tokenizer(pad_token=pad) for pad in family.tokenizer_pads]

@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from editkit.errors import InputError
 from editkit.files import atomic_path, write_json
+from s2edit.core.loading import PRESET_DIR, token_table, token_table_name
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "shapes.json"
@@ -96,13 +97,6 @@ def build_unet(config: dict[str, Any]) -> UNet2DConditionModel:
     return UNet2DConditionModel(**_public(config))
 
 
-def token_table(seed: int, vocab_size: int, hidden_size: int, std: float) -> torch.Tensor:
-    """The frozen token-embedding table (vocab, hidden), N(0, std²) from a CPU generator seeded `seed`:
-    the same bytes on every machine, so it need not ship."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(vocab_size, hidden_size, generator=generator) * std
-
-
 def build_text_encoder(config: dict[str, Any], token_seed: int) -> CLIPTextModel:
     """A CLIPTextModel whose token table is :func:`token_table` (frozen); other weights initialised."""
     clip_config = CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"})
@@ -113,12 +107,6 @@ def build_text_encoder(config: dict[str, Any], token_seed: int) -> CLIPTextModel
                                 clip_config.initializer_range))
     table.requires_grad_(False)
     return model
-
-
-def token_table_name(text_encoder: CLIPTextModel) -> str:
-    """The state-dict key of the token table (it differs across transformers versions)."""
-    table = text_encoder.get_input_embeddings().weight
-    return next(name for name, p in text_encoder.named_parameters() if p is table)
 
 
 def text_encoder_json(model: CLIPTextModel) -> dict[str, Any]:
@@ -211,3 +199,46 @@ def load_shapes_components(folder: str | Path,
                              f"{missing[:3]}, unexpected {unexpected[:3]}: export the model again")
         module.to(dtype).eval().requires_grad_(False)
     return modules
+
+
+# ------------------------------------------------------------------------------------------ shipping
+
+PRESET = "shapes"  # model=shapes
+IMAGE_PER_MASK_SIDE = 4  # masks, LocalBlend and saved maps use the 16² layers of the 16² latent (level 1)
+SHIPPED_FILES = (*CONFIG_FILES.values(), SCHEDULER_FILE, WEIGHTS_FILE, MANIFEST_FILE, "TRAINING.md")
+
+
+def ship_preset(folder: str | Path, preset: str | Path = PRESET_DIR / PRESET) -> Path:
+    """Make an exported model folder the `model=shapes` preset: its files, plus `preset.json` naming the
+    family (sd1), the weights file, the token table's seed and the level of the mask maps. Written to a
+    temporary folder first, then swapped in whole."""
+    import shutil
+
+    folder, preset = Path(folder).expanduser(), Path(preset)
+    manifest = _read_json(folder / MANIFEST_FILE)
+    missing = [name for name in SHIPPED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"model folder '{folder}' lacks {', '.join(missing)}: train (or export) it again")
+    table = manifest["token_table"]
+    info = {
+        "family": "sd1",
+        "about": "the trained shapes-world model (64² scenes of one coloured shape on a plain background; "
+                 "f=4 VAE, 2.2 M-parameter UNet, 2-layer CLIP text encoder whose token table is regenerated "
+                 "from its seed): TRAINING.md says how it was trained",
+        "weights": WEIGHTS_FILE,
+        "token_table": {"seed": int(table["seed"]), "std": float(table["std"])},
+        "pipeline": {"image_per_mask_side": IMAGE_PER_MASK_SIDE},
+    }
+    staging = preset.with_name(preset.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in SHIPPED_FILES:
+        target = "text_encoder.json" if name == CONFIG_FILES["text_encoder"] else name
+        shutil.copyfile(folder / name, staging / target)
+    write_json(staging / "preset.json", info)
+    old = preset.with_name(preset.name + ".old")
+    if preset.exists():
+        preset.rename(old)
+    staging.rename(preset)
+    shutil.rmtree(old, ignore_errors=True)
+    return preset
