@@ -370,7 +370,7 @@ def test_the_light_family_tables_agree_with_the_family_classes(tmp_path: Path) -
         sorted(detect.FLOW_FAMILIES)
     families = {name: detect.family_name(name) for name in preset_names()}
     assert families == {"sd-v1-random": "sd1", "sdxl-random": "sdxl", "sd3-random": "sd3",
-                        "flux-random": "flux", "tiny": "sd1", "tiny-flux": "flux",
+                        "flux-random": "flux", "shapes": "sd1", "tiny": "sd1", "tiny-flux": "flux",
                         "tiny-lcm": "sd1", "tiny-sd3": "sd3", "tiny-v": "sd2", "tiny-xl": "sdxl",
                         "tiny-xl-lcm": "sdxl"}
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')

@@ -39,8 +39,8 @@ def test_tiny_properties(tiny):
     assert tiny.tokenizer.model_max_length == tiny.text_encoder.config.max_position_embeddings == 77
     assert not tiny.unet.training and not tiny.vae.training and not tiny.text_encoder.training
     assert tiny.source == "tiny" and tiny.name == "sd1" and isinstance(tiny, StableDiffusion)
-    assert preset_names() == ["flux-random", "sd-v1-random", "sd3-random", "sdxl-random", "tiny", "tiny-flux",
-                              "tiny-lcm", "tiny-sd3", "tiny-v", "tiny-xl", "tiny-xl-lcm"]
+    assert preset_names() == ["flux-random", "sd-v1-random", "sd3-random", "sdxl-random", "shapes", "tiny",
+                              "tiny-flux", "tiny-lcm", "tiny-sd3", "tiny-v", "tiny-xl", "tiny-xl-lcm"]
 
 
 @torch.no_grad()

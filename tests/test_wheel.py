@@ -73,12 +73,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_the_wheel_is_what_runs_and_ships_the_presets(installed) -> None:
     python, env, work = installed
     code = ("import s2edit, s2edit.core.loading as loading; print(s2edit.__file__); "
-            "print(loading.preset_names())")
-    where, presets = run([str(python), "-c", code], work, env).strip().splitlines()[-2:]
+            "print(loading.preset_names()); "
+            "print(float(loading.load_model('shapes').unet.conv_out.weight.double().abs().sum()))")
+    where, presets, weights = run([str(python), "-c", code], work, env).strip().splitlines()[-3:]
     assert Path(where).is_relative_to(python.parent.parent) and not Path(where).is_relative_to(ROOT)
     presets_dir = ROOT / "s2edit" / "core" / "presets"
     shipped = sorted(folder.name for folder in presets_dir.iterdir() if folder.is_dir())
     assert presets == str(shipped) and "tiny-xl" in shipped  # every preset folder is package data
+    # the trained shapes model's weights ship too: the wheel's model=shapes is the checkout's
+    from s2edit.core.loading import load_model
+
+    assert float(weights) == float(load_model("shapes").unet.conv_out.weight.double().abs().sum())
 
 
 def test_fine_tune_and_edit_from_the_wheel(installed) -> None:

@@ -24,6 +24,7 @@ from s2edit.editing.run import REPORT
 from s2edit.training.config import FinetuneConfig, TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # a checkout's shipped photos
+SHAPES_PRESET = "shapes"  # the trained shapes-world model: the app shows its own examples
 MAX_SEED = 2**31 - 1  # the SPL app's random range; also exact in the browser's float64 numbers
 # Names of the inversions (InferConfig.inversion's choices) for people
 INVERSION_LABELS = {"null_text": "Null-text", "direct": "Direct", "negative_prompt": "Negative-prompt",
@@ -49,10 +50,11 @@ def image_input(**kwargs: Any) -> gr.Image:
     return image
 
 
-def edit_tab(method: str, flow: FlowEditSettings | None = None
+def edit_tab(method: str, flow: FlowEditSettings | None = None, examples: list[list[Any]] | None = None
              ) -> tuple[dict[str, Any], list[Any], gr.Button]:
     """The Edit tab. `flow`: the model is a flow model (SD3, FLUX) and these are its family's FlowEdit
-    defaults: the method is flowedit, with its own controls; else virtual or an inversion + P2P."""
+    defaults: the method is flowedit, with its own controls; else virtual or an inversion + P2P.
+    `examples`: rows of EDIT_EXAMPLES' columns (default: the model kind's, :func:`examples_for`)."""
     c: dict[str, Any] = {}
     p2p = method not in ("virtual", "flowedit")
     with gr.Row():
@@ -120,19 +122,19 @@ def edit_tab(method: str, flow: FlowEditSettings | None = None
                                                    0, 1000)
                     c["postprocess"] = bound_checkbox(SPLSettings, "postprocess",
                                                       "Post-processing with loss")
-                flow = flow or FAMILY_DEFAULTS["sd3"]  # the FlowEdit controls are hidden on UNet models
+                shown = flow or FAMILY_DEFAULTS["sd3"]  # the FlowEdit controls are hidden on UNet models
                 with gr.Group(visible=method == "flowedit"):
                     c["flow_n_max"] = bound_slider(FlowEditSettings, "n_max", "Edit steps (n_max)", 0, 50,
-                                                   1, value=flow.n_max)
+                                                   1, value=shown.n_max)
                     c["flow_n_avg"] = bound_number(FlowEditSettings, "n_avg", "Noise samples per step", 1, 8,
-                                                   value=flow.n_avg)
+                                                   value=shown.n_avg)
                     with gr.Row():
                         c["flow_source_guidance"] = bound_slider(
                             FlowEditSettings, "source_guidance", "Source guidance", 0, 20, 0.5,
-                            value=flow.source_guidance)
+                            value=shown.source_guidance)
                         c["flow_target_guidance"] = bound_slider(
                             FlowEditSettings, "target_guidance", "Target guidance", 0, 30, 0.5,
-                            value=flow.target_guidance)
+                            value=shown.target_guidance)
                 with gr.Row(visible=method == "virtual") as virtual_row:
                     c["source_guidance"] = bound_slider(VirtualSettings, "source_guidance",
                                                         "Source guidance scale", 1, 10, 0.5)
@@ -178,7 +180,8 @@ def edit_tab(method: str, flow: FlowEditSettings | None = None
                                        max_height=220, scale=3)
                 report = gr.File(label=f"{REPORT} (as infer.py writes it)", elem_id="report-file",
                                  scale=2)
-    edit_examples(c, flow=method == "flowedit")
+    default_examples = FLOW_EXAMPLES if flow is not None else EDIT_EXAMPLES
+    edit_examples(c, examples if examples is not None else default_examples)
 
     # SPL app behaviour: the area and mask settings appear when they apply
     c["spl"].change(lambda on: gr.Dropdown(visible=on), c["spl"], c["spl_area"], api_visibility="private")
@@ -197,19 +200,20 @@ def edit_tab(method: str, flow: FlowEditSettings | None = None
                c["seed"], summary]
     return c, outputs, run
 
-def edit_examples(c: dict[str, Any], flow: bool = False) -> None:
-    """The Edit tab's examples on the shipped photos (a checkout's `examples/`; none in a bare wheel)."""
+def edit_examples(c: dict[str, Any], rows: list[list[Any]]) -> None:
+    """The Edit tab's examples on the shipped images (a checkout's `examples/`; none in a bare wheel)."""
     if not EXAMPLES.is_dir():
         return
     columns = ["image", "source", "target", "method", "spl_area", "source_mask_words", "cpl", "p2p_mode",
                "reweight"]
     gr.Examples(
-        [[str(EXAMPLES / row[0]), *row[1:]] for row in (FLOW_EXAMPLES if flow else EDIT_EXAMPLES)],
+        [[str(EXAMPLES / row[0]), *row[1:]] for row in rows],
         [c[name] for name in columns],
-        label="Examples (shipped photos; see examples/README.md)",
+        label="Examples (shipped images; see examples/README.md)",
     )
 
-def identity_tab() -> tuple[dict[str, Any], list[Any], gr.Button, gr.Button]:
+def identity_tab(examples: list[list[Any]] | None = None
+                 ) -> tuple[dict[str, Any], list[Any], gr.Button, gr.Button]:
     c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=5):
@@ -238,7 +242,7 @@ def identity_tab() -> tuple[dict[str, Any], list[Any], gr.Button, gr.Button]:
                                type="filepath")
             history = gr.Dataframe(label="Loss terms per step", interactive=False)
     if EXAMPLES.is_dir():
-        gr.Examples([[str(EXAMPLES / row[0]), *row[1:]] for row in IDENTITY_EXAMPLES],
+        gr.Examples([[str(EXAMPLES / row[0]), *row[1:]] for row in examples or IDENTITY_EXAMPLES],
                     [c["image"], c["prompt"], c["object_word"]], label="Examples")
     return c, [status, masks, history], fit, forget
 
@@ -275,6 +279,18 @@ EDIT_EXAMPLES: list[list[Any]] = [
 # On a flow model: the virtual-inversion examples, edited with FlowEdit.
 FLOW_EXAMPLES: list[list[Any]] = [[*row[:3], "flowedit", *row[4:]] for row in EDIT_EXAMPLES
                                   if row[3] == "virtual"]
+# On the shapes world (model=shapes): the shipped 64² scenes (examples/shapes/), colour and shape swaps.
+SHAPES_EXAMPLES: list[list[Any]] = [
+    ["shapes/red_circle_white.png", "a red circle on a white background",
+     "a blue circle on a white background", "direct", "whole", "", False, "refine", ""],
+    ["shapes/blue_square_grey.png", "a blue square on a grey background",
+     "a blue circle on a grey background", "direct", "masked", "grey", False, "refine", ""],
+    ["shapes/green_triangle_black.png", "a green triangle on a black background",
+     "a yellow triangle on a black background", "virtual", "whole", "", False, "refine", ""],
+]
+SHAPES_IDENTITY_EXAMPLES: list[list[Any]] = [
+    ["shapes/red_circle_white.png", "a red [I] circle on a white background", "circle"],
+]
 IDENTITY_EXAMPLES: list[list[Any]] = [
     ["astronaut.png", "a photo of a [I] woman", "woman"],
     ["chelsea.png", "a photo of a [I] cat", "cat"],

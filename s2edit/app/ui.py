@@ -44,7 +44,14 @@ from editkit.config import check_fields, check_value
 from editkit.errors import InputError, ReportedError
 from editkit.files import slug
 from s2edit.app.binding import EditForm, cli_arguments, field_of, infer_config
-from s2edit.app.layout import MAX_SEED, edit_tab, identity_tab
+from s2edit.app.layout import (
+    MAX_SEED,
+    SHAPES_EXAMPLES,
+    SHAPES_IDENTITY_EXAMPLES,
+    SHAPES_PRESET,
+    edit_tab,
+    identity_tab,
+)
 from s2edit.core.flow_family import FlowFamily
 from s2edit.core.settings import DEFAULT_MODEL
 from s2edit.editing import run as editing
@@ -383,11 +390,14 @@ class EditingApp:
             model_line = gr.Markdown(self._describe(None), elem_id="model-line")
             with gr.Tabs():
                 with gr.Tab("Edit", id="edit"):
-                    edit_controls, edit_outputs, run = edit_tab(method, self.flow_defaults)
+                    shapes = self.settings.model == SHAPES_PRESET and self.settings.ckpt is None
+                    edit_controls, edit_outputs, run = edit_tab(
+                        method, self.flow_defaults, SHAPES_EXAMPLES if shapes else None)
                     self.edit_controls = edit_controls
                 # fine-tuning [I] needs a UNet family: flow models have no Identity tab
                 with gr.Tab("Identity (S2Edit)", id="identity", visible=self.flow_defaults is None):
-                    train_controls, train_outputs, fit, forget = identity_tab()
+                    train_controls, train_outputs, fit, forget = identity_tab(
+                        SHAPES_IDENTITY_EXAMPLES if shapes else None)
 
             run.click(
                 one_line_errors(self.edit), inputs_kwargs={"identity": identity, **edit_controls},
