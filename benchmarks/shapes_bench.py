@@ -1,6 +1,6 @@
 """Score every editing method on the shapes world (`model=shapes`): edits checked against ground truth.
 
-    python benchmarks/shapes_bench.py [--per-combination 2] [--steps 50] [--methods …] [--out table.md]
+    python benchmarks/shapes_bench.py [--per-combination 1] [--steps 25] [--methods …] [--out table.md]
 
 The fixed held-out benchmark (`s2edit.shapes.world.benchmark_specs`: the colour-shape pairs training never
 showed, on every background) is edited twice per scene: a colour swap ("a red square …" → "a green square
@@ -173,9 +173,9 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]], header: str) ->
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes")
-    parser.add_argument("--per-combination", type=int, default=2,
+    parser.add_argument("--per-combination", type=int, default=1,
                         help="scenes per held-out pair and background (3 pairs × 3 backgrounds each)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the inversions and P2P edits")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps of the inversions and P2P edits")
     parser.add_argument("--virtual-steps", type=int, default=15)
     parser.add_argument("--methods", nargs="*", default=None, help="row labels to run (default: all)")
     parser.add_argument("--threads", type=int, default=None)

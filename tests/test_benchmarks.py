@@ -38,3 +38,19 @@ def test_gpu_suite_smoke_writes_every_row(tmp_path) -> None:
     for row in rows:  # every measurement is a positive number
         value = float(re.search(r"\| ([0-9.]+) (s|steps/s)", row).group(1))
         assert value > 0, row
+
+
+def test_shapes_bench_scores_a_method_against_ground_truth(tmp_path) -> None:
+    """benchmarks/shapes_bench.py on the shipped model, one row, 2 steps: a table of fractions, IoUs in
+    [0, 1] and finite PSNRs (the real table is in BENCHMARKS.md)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import shapes_bench
+
+    text = shapes_bench.main(["--steps", "2", "--virtual-steps", "2", "--methods", "Direct + P2P",
+                              "--out", str(tmp_path / "table.md")])
+    assert (tmp_path / "table.md").read_text() == text
+    row = next(line for line in text.splitlines() if line.startswith("| Direct + P2P |"))
+    cells = [float(c) for c in row.strip("| ").split(" | ")[1:]]
+    colour_ok, colour_iou, colour_psnr, shape_ok, shape_iou, shape_psnr, seconds = cells
+    assert 0 <= colour_ok <= 1 and 0 <= shape_ok <= 1 and 0 <= colour_iou <= 1 and 0 <= shape_iou <= 1
+    assert 5 < colour_psnr < 100 and 5 < shape_psnr < 100 and seconds > 0
