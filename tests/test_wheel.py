@@ -72,10 +72,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_the_wheel_is_what_runs_and_ships_the_presets(installed) -> None:
     python, env, work = installed
-    code = ("import s2edit, s2edit.core.loading as loading; print(s2edit.__file__); "
-            "print(loading.preset_names()); "
-            "print(float(loading.load_model('shapes').unet.conv_out.weight.double().abs().sum()))")
-    where, presets, weights = run([str(python), "-c", code], work, env).strip().splitlines()[-3:]
+    code = ("import s2edit, s2edit.core.loading as loading; print('where=' + s2edit.__file__); "
+            "print('presets=' + str(loading.preset_names())); "
+            "w = loading.load_model('shapes').unet.conv_out.weight; "
+            "print('weights=' + str(float(w.double().abs().sum())))")
+    lines = run([str(python), "-c", code], work, env).splitlines()  # other output (warnings) may come between
+    where, presets, weights = (next(line.split("=", 1)[1] for line in lines if line.startswith(f"{key}="))
+                               for key in ("where", "presets", "weights"))
     assert Path(where).is_relative_to(python.parent.parent) and not Path(where).is_relative_to(ROOT)
     presets_dir = ROOT / "s2edit" / "core" / "presets"
     shipped = sorted(folder.name for folder in presets_dir.iterdir() if folder.is_dir())
