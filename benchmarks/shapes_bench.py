@@ -41,6 +41,7 @@ from editkit.files import atomic_path
 from s2edit.core.settings import MaskSettings, P2PSettings, SPLSettings, VirtualSettings
 from s2edit.editing.editor import Editor
 from s2edit.editing.request import InversionRequest
+from s2edit.shapes.data import images_to_model, model_to_images
 from s2edit.shapes.scorers import classify_shape, dominant_colour, iou, psnr_outside, segment_object
 from s2edit.shapes.world import COLOURS, SHAPES, SceneSpec, benchmark_specs, edited, render
 
@@ -91,12 +92,12 @@ def edits_of(spec: SceneSpec) -> list[Edit]:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (1, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return images_to_model(torch.from_numpy(image)[None])
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] → (H, W, 3) uint8."""
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return model_to_images(image[None])[0].numpy()
 
 
 def score(edit: Edit, image: np.ndarray) -> dict[str, float]:

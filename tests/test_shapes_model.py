@@ -16,6 +16,7 @@ from s2edit.core.loading import PRESET_DIR, load_model, token_table
 from s2edit.core.settings import MaskSettings, P2PSettings, SPLSettings
 from s2edit.editing.editor import Editor
 from s2edit.editing.request import InversionRequest
+from s2edit.shapes.data import images_to_model, model_to_images
 from s2edit.shapes.scorers import dominant_colour, iou, psnr_outside, segment_object
 from s2edit.shapes.world import SceneSpec, render
 
@@ -31,11 +32,13 @@ COLOUR_SWAPS = {"red": "blue", "green": "yellow", "purple": "red"}
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    """(H, W, 3) uint8 → (1, 3, H, W) in [-1, 1]."""
+    return images_to_model(torch.from_numpy(image)[None])
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    """(3, H, W) in [-1, 1] → (H, W, 3) uint8."""
+    return model_to_images(image[None])[0].numpy()
 
 
 @pytest.fixture(scope="module")

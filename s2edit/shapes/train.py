@@ -97,11 +97,22 @@ class ProgressLines(L.Callback):
               f"{rate * (trainer.max_steps - step) / 60:.1f} min left", flush=True)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A stage's Lightning checkpoint (tensors and plain values only: `weights_only`), None when there is
+    none; an unreadable file is one line, as train.py's resume check says it."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # any unreadable or foreign file: one line, not a traceback
+        raise InputError(f"checkpoint '{path}' cannot be resumed: {str(err).splitlines()[0]}; delete it to "
+                         "train the stage again") from None
+
+
 def checkpoint_step(path: Path) -> int:
     """The global step a Lightning checkpoint was saved at (0 when there is none)."""
-    if not path.is_file():
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    saved = read_checkpoint(path)
+    return int(saved["global_step"]) if saved is not None else 0
 
 
 def _loader(dataset: TensorDataset, batch: int, seed: int) -> DataLoader:
@@ -118,9 +129,10 @@ def run_stage(name: str, module: L.LightningModule, dataset: TensorDataset, step
     record_path = out / "stages" / f"{name}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"seconds": 0.0}
     checkpoint = out / "checkpoints" / name / f"{LAST_CHECKPOINT}.ckpt"
-    done = checkpoint_step(checkpoint)
-    if done >= steps:
-        module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    saved = read_checkpoint(checkpoint)
+    done = int(saved["global_step"]) if saved is not None else 0
+    if saved is not None and done >= steps:
+        module.load_state_dict(saved["state_dict"])
         print(f"stage {name}: finished at step {done}, loaded from {checkpoint}", flush=True)
         return record
     print(f"stage {name}: steps {done} → {steps}" + (" (resumed)" if done else ""), flush=True)
@@ -134,7 +146,7 @@ def run_stage(name: str, module: L.LightningModule, dataset: TensorDataset, step
     with interruptible(trainer, lambda: print(f"interrupted: run the same command to resume {name}",
                                               file=sys.stderr)):
         trainer.fit(module, train_dataloaders=_loader(dataset, batch, config.seed + STAGE_SEEDS[name] + done),
-                    ckpt_path=str(checkpoint) if checkpoint.is_file() else None)
+                    ckpt_path=str(checkpoint) if checkpoint.is_file() else None, weights_only=True)
     seconds = time.monotonic() - start
     record = {"steps": trainer.global_step, "seconds": record["seconds"] + seconds,
               "seconds_per_step_last_run": seconds / max(1, trainer.global_step - done),
